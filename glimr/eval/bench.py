@@ -1,0 +1,486 @@
+"""``glimr bench CONFIG.yaml``: models x scale sets x re-rankers x datasets, in the layout of the papers.
+
+Config (YAML; relative paths are relative to the working directory)::
+
+    title: Clutter-UKB dev
+    output: benchmarks/results/clutter_dev   # results.md, results.json, plots/
+    cache: bench-data/cache                  # descriptor cache (.npz), reused across runs
+    max_size: 512                            # optional: longest side; default per dataset
+    batch_size: 16
+    workers: 2
+    datasets:                                # a name or folder, or a mapping
+      - bench-data/clutter-dev-medium
+      - {name: roxford5k, root: data/datasets, label: ROxf}
+      - {name: roxford5k, root: data/datasets, distractors: data/revisitop1m, label: ROxf+1M}
+    models:                                  # a registry name, or a mapping
+      - gem-lite0
+      - {name: gem-lite0, checkpoint: runs/gem/model.safetensors, label: GeM (trained)}
+    scales: ["1", "3"]                       # scale sets (see glimr.extract.multiscale.SCALE_SETS)
+    rerank: [none]                           # re-ranker specs (see glimr.eval.evaluate.RERANKERS)
+    plots: {grids: true, grid_queries: 6, grid_topk: 8}
+
+Descriptors are extracted once per (model, scale set, dataset) and cached; re-rankers reuse them.
+Writes ``results.md`` (main table: mAP per dataset, Revisited Medium then Hard as in the papers, best
+in bold; then every metric per dataset; the command, date and settings), ``results.json`` (everything
+behind it) and ``plots/`` (mAP per method; ranked-result grids: correct results outlined green, wrong
+ones red, ignored/junk grey).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glimr.eval.evaluate import (
+    EvalSet,
+    build_net,
+    extract_descriptors,
+    load_eval_set,
+    model_identity,
+    parse_rerank,
+    parse_scales_arg,
+    score_descriptors,
+)
+
+__all__ = ["BenchConfig", "load_config", "run_bench", "render_markdown", "main_columns"]
+
+PROTOCOL_LABEL = {"easy": "E", "medium": "M", "hard": "H"}
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    root: str | None = None
+    label: str | None = None
+    crop: bool = True
+    distractors: str | None = None
+    images: str | None = None
+    max_size: int | None = None
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    checkpoint: str | None = None
+    weights: str = "pretrained"
+    label: str | None = None
+
+
+@dataclass
+class BenchConfig:
+    title: str
+    output: Path
+    datasets: list[DatasetSpec]
+    models: list[ModelSpec]
+    scales: list[str] = field(default_factory=lambda: ["1"])
+    rerank: list[str] = field(default_factory=lambda: ["none"])
+    cache: Path | None = None
+    max_size: int | None = None
+    batch_size: int = 16
+    workers: int = 2
+    grids: bool = True
+    grid_queries: int = 6
+    grid_topk: int = 8
+    source: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+
+def _as_list(v, what: str) -> list:
+    if v is None:
+        raise ValueError(f"bench config: '{what}' is required")
+    return v if isinstance(v, list) else [v]
+
+
+def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchConfig:
+    """Read and check a bench YAML file (see the module doc)."""
+    import yaml  # noqa: PLC0415
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise FileNotFoundError(f"bench config {path} not readable ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"bench config {path}: invalid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"bench config {path}: expected a mapping at the top level")
+    known = {"title", "output", "cache", "max_size", "batch_size", "workers", "datasets", "models", "scales",
+             "rerank", "plots"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"bench config {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    datasets = []
+    for d in _as_list(raw.get("datasets"), "datasets"):
+        if isinstance(d, str):
+            d = {"name": d}
+        if not isinstance(d, dict) or "name" not in d:
+            raise ValueError(f"bench config {path}: a dataset is a name/folder or a mapping with 'name' "
+                             f"({d!r})")
+        bad = set(d) - set(DatasetSpec.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"bench config {path}: dataset {d['name']}: unknown keys {sorted(bad)}")
+        paths = ("name", "root", "distractors", "images")
+        datasets.append(DatasetSpec(**{k: (str(v) if k in paths and v is not None else v)
+                                       for k, v in d.items()}))
+    models = []
+    for m in _as_list(raw.get("models", ["gem-lite0"]), "models"):
+        if isinstance(m, str):
+            m = {"name": m}
+        if not isinstance(m, dict) or "name" not in m:
+            raise ValueError(f"bench config {path}: a model is a name or a mapping with 'name' ({m!r})")
+        bad = set(m) - set(ModelSpec.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"bench config {path}: model {m['name']}: unknown keys {sorted(bad)}")
+        models.append(ModelSpec(**m))
+    scales = [str(s) for s in _as_list(raw.get("scales", ["1"]), "scales")]
+    for s in scales:
+        parse_scales_arg(s)
+    reranks = [str(r) for r in _as_list(raw.get("rerank", ["none"]), "rerank")]
+    for r in reranks:
+        parse_rerank(r)
+    plots = raw.get("plots") or {}
+    out = output or raw.get("output") or f"bench-results/{path.stem}"
+    cache_dir = cache or raw.get("cache")
+    return BenchConfig(title=str(raw.get("title") or path.stem), output=Path(out), datasets=datasets,
+                       models=models,
+                       scales=scales, rerank=reranks, cache=Path(cache_dir) if cache_dir else None,
+                       max_size=raw.get("max_size"), batch_size=int(raw.get("batch_size", 16)),
+                       workers=int(raw.get("workers", 2)), grids=bool(plots.get("grids", True)),
+                       grid_queries=int(plots.get("grid_queries", 6)),
+                       grid_topk=int(plots.get("grid_topk", 8)),
+                       source=path, raw=raw)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("_")
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           timeout=10)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _scales_label(s: str) -> str:
+    return {"1": "1", "3": "3 (0.71, 1, 1.41)", "5": "5 (0.5 .. 2)"}.get(s, s)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _dataset_columns(run: dict) -> list[tuple[str | None, str]]:
+    """(protocol, metric) columns of one dataset's metrics."""
+    m = run["metrics"]
+    if all(isinstance(v, dict) for v in m.values()):
+        return [(p, k) for p, vals in m.items() for k in vals]
+    return [(None, k) for k in m]
+
+
+def main_columns(runs: list[dict]) -> list[tuple[str, str | None, str, str]]:
+    """Main-table columns (dataset label, protocol, metric, header): Revisited Medium then Hard for every
+    Revisited dataset (as in Radenovic et al.), then the headline metric of every other dataset."""
+    order: list[tuple[str, str]] = []  # (label, kind) in config order
+    for r in runs:
+        if (r["dataset_label"], r["kind"]) not in order:
+            order.append((r["dataset_label"], r["kind"]))
+    cols = []
+    for proto in ("medium", "hard"):
+        for label, kind in order:
+            if kind == "revisited":
+                cols.append((label, proto, "mAP", f"{label} {PROTOCOL_LABEL[proto]}"))
+    for label, kind in order:
+        if kind == "ukbench":
+            cols.append((label, None, "N-S", f"{label} N-S"))
+        elif kind != "revisited":
+            cols.append((label, None, "mAP", f"{label} mAP"))
+    return cols
+
+
+def _get(run: dict, proto: str | None, metric: str):
+    m = run["metrics"]
+    v = m.get(proto, {}) if proto else m
+    return v.get(metric) if isinstance(v, dict) else None
+
+
+def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(a for a in align) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _bold_best(values: list[float | None], fmt: str) -> list[str]:
+    shown = [None if v is None else f"{v:{fmt}}" for v in values]
+    best = max((v for v in values if v is not None), default=None)
+    best_s = None if best is None else f"{best:{fmt}}"
+    return ["-" if s is None else (f"**{s}**" if s == best_s and len(values) > 1 else s) for s in shown]
+
+
+def render_markdown(result: dict) -> str:
+    """The markdown report (paper layout) from the JSON written by :func:`run_bench`."""
+    runs = result["runs"]
+    methods: list[tuple] = []
+    for r in runs:
+        key = (r["method"]["label"], r["method"]["scales"], r["method"]["rerank"])
+        if key not in methods:
+            methods.append(key)
+    by = {(r["method"]["label"], r["method"]["scales"], r["method"]["rerank"], r["dataset_label"]): r
+          for r in runs}
+    lines = [f"# {result['title']}", ""]
+    version = result.get("glimr_version")
+    made = [f"glimr {version}"] if version not in (None, "unknown") else []
+    made += [f"commit {result['git_commit']}"] if result.get("git_commit") else []
+    lines += [f"Made by `{result['command']}` on {result['date']}" + (f" ({', '.join(made)})" if made else "")
+              + f"; {result.get('seconds', 0):.0f} s.", ""]
+    settings = result["settings"]
+    lines += [f"Settings: max image size {settings['max_size']}; descriptors by inner product, full ranking; "
+              "metrics in percent (UKBench N-S out of 4). Revisited: Medium (M) and Hard (H) mAP; queries "
+              "cropped to their box unless noted.", ""]
+    cols = main_columns(runs)
+    header = ["Method", "Scales", "Re-rank"] + [c[3] for c in cols]
+    rows = [[m[0], _scales_label(m[1]), m[2]] for m in methods]
+    for c in cols:
+        vals = [(_get(by[(m[0], m[1], m[2], c[0])], c[1], c[2]) if (m[0], m[1], m[2], c[0]) in by else None)
+                for m in methods]
+        for row, cell in zip(rows, _bold_best(vals, ".2f" if c[2] != "N-S" else ".3f")):
+            row.append(cell)
+    lines += _md_table(header, rows, [":--", ":--", ":--"] + ["--:"] * len(cols)) + [""]
+    # every metric, per dataset
+    for label in dict.fromkeys(r["dataset_label"] for r in runs):
+        ds_runs = [r for r in runs if r["dataset_label"] == label]
+        first = ds_runs[0]
+        lines += [f"## {label}: {first['title']}", ""]
+        dcols = _dataset_columns(first)
+        header = ["Method", "Scales", "Re-rank"] + [
+            (f"{PROTOCOL_LABEL.get(p, p)} {k}" if p else k) for p, k in dcols] + ["extract s"]
+        rows = []
+        for m in methods:
+            r = by.get((m[0], m[1], m[2], label))
+            if r is None:
+                continue
+            cells = [m[0], _scales_label(m[1]), m[2]]
+            cells += ["-" if _get(r, p, k) is None else f"{_get(r, p, k):{'.3f' if k == 'N-S' else '.2f'}}"
+                      for p, k in dcols]
+            cached = r["meta"].get("descriptors_cached")
+            cells.append("cached" if cached else f"{r['meta']['extract_seconds']:.0f}")
+            rows.append(cells)
+        lines += _md_table(header, rows, [":--", ":--", ":--"] + ["--:"] * (len(dcols) + 1))
+        notes = sorted({n for r in ds_runs for n in r["notes"]})
+        meta = first["meta"]
+        lines += ["", f"{meta['n_queries']} queries, {meta['n_db']} database images, "
+                      f"max size {meta['max_size']}."]
+        lines += [f"- note: {n}" for n in notes]
+        plots = [p for p in result.get("plots", []) if p.get("dataset") == label]
+        for p in plots:
+            lines += ["", f"![{p['what']}]({p['file']})"]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plot_map(runs: list[dict], label: str, out: Path) -> Path:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ds_runs = [r for r in runs if r["dataset_label"] == label]
+    names = [f"{r['method']['label']} s{r['method']['scales']}"
+             + (f" +{r['method']['rerank']}" if r["method"]["rerank"] != "none" else "") for r in ds_runs]
+    kind = ds_runs[0]["kind"]
+    protos = ["easy", "medium", "hard"] if kind == "revisited" else [None]
+    key = "N-S" if kind == "ukbench" else "mAP"
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) * len(protos) + 2), 4))
+    x = np.arange(len(names))
+    width = 0.8 / len(protos)
+    for i, p in enumerate(protos):
+        vals = [_get(r, p, key) or 0.0 for r in ds_runs]
+        bars = ax.bar(x + (i - (len(protos) - 1) / 2) * width, vals, width,
+                      label=p.capitalize() if p else key)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(key + (" (out of 4)" if key == "N-S" else " (%)"))
+    ax.set_ylim(0, 4.3 if key == "N-S" else 107)
+    ax.set_title(f"{label}: {key} per method")
+    if len(protos) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _thumb(path, box=None, size: int = 160):
+    from glimr.io.images import load_image  # noqa: PLC0415
+
+    if box is not None:
+        from glimr.data.revisited import crop_to_box  # noqa: PLC0415
+
+        img = crop_to_box(load_image(path), box)
+    else:
+        img = load_image(path, target_size=size)
+    img.thumbnail((size, size))
+    return np.asarray(img)
+
+
+def plot_ranked_grid(evalset: EvalSet, queries: list[int], top: np.ndarray, title: str, out: Path,
+                     size: int = 140) -> Path:
+    """Rows: queries (cropped as evaluated) then their top-k results; green = correct, red = wrong,
+    grey = ignored (junk). ``top``: [k, len(queries)] database indices."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    k = top.shape[0]
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.25 * (k + 1), 1.35 * len(queries) + 0.5),
+                             squeeze=False)
+    for row, q in enumerate(queries):
+        pos, ign = evalset.relevant(q)
+        box = evalset.query_boxes[q] if evalset.query_boxes else None
+        cells = [(evalset.query_paths[q], box, "#1f4e9c", "query")]
+        for j in range(k):
+            d = int(top[j, row])
+            color = "#1a9e3a" if d in pos else ("#9a9a9a" if d in ign else "#d62020")
+            cells.append((evalset.db_paths[d], None, color, str(j + 1)))
+        for col, (p, b, color, name) in enumerate(cells):
+            ax = axes[row, col]
+            try:
+                ax.imshow(_thumb(p, b, size))
+            except Exception:  # noqa: BLE001 - an unreadable image still gets its cell
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_edgecolor(color)
+                s.set_linewidth(3.5)
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(f"{title}\ngreen: correct, red: wrong, grey: ignored (junk)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ running
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = None, plots: bool = True,
+              progress: bool = True, quiet: bool = False) -> dict:
+    """Run the grid and write ``results.md``, ``results.json`` and ``plots/`` under ``config.output``.
+    Returns the JSON document."""
+    if not isinstance(config, BenchConfig):
+        config = load_config(config)
+    command = command or f"glimr bench {config.source}"
+    out = config.output
+    out.mkdir(parents=True, exist_ok=True)
+    # resolve every dataset before any model work: missing data fails fast
+    sets: list[tuple[DatasetSpec, EvalSet, str]] = []
+    for d in config.datasets:
+        es = load_eval_set(d.name, root=d.root, crop=d.crop, distractors=d.distractors, images=d.images)
+        sets.append((d, es, d.label or es.name))
+    labels = [s[2] for s in sets]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"bench config: dataset labels must differ ({labels}); set 'label' for each")
+    runs: list[dict] = []
+    grid_data: list[tuple] = []
+    t_start = time.perf_counter()
+    n_total = len(config.models) * len(config.scales) * len(sets) * len(config.rerank)
+    n_done = 0
+    for mspec in config.models:
+        _log(f"[bench] building {mspec.name}" + (f" from {mspec.checkpoint}" if mspec.checkpoint else ""),
+             quiet)
+        net = build_net(mspec.name, mspec.checkpoint, mspec.weights)
+        model_name = getattr(net, "name", None) or mspec.name
+        mlabel = mspec.label or model_name
+        model_id = model_identity(net, model_name, mspec.checkpoint)
+        for scales in config.scales:
+            sc = parse_scales_arg(scales)
+            for dspec, es, dlabel in sets:
+                max_size = int(dspec.max_size or config.max_size or es.default_max_size)
+                desc = extract_descriptors(net, es, scales=sc, max_size=max_size,
+                                           batch_size=config.batch_size, workers=config.workers,
+                                           progress=progress, cache_dir=config.cache, model_id=model_id)
+                for rr in config.rerank:
+                    t0 = time.perf_counter()
+                    metrics, notes, ranks = score_descriptors(es, desc, rr)
+                    n_done += 1
+                    run = {
+                        "method": {"model": model_name, "checkpoint": mspec.checkpoint, "label": mlabel,
+                                   "scales": scales, "scale_values": list(sc), "rerank": rr},
+                        "dataset": es.name, "dataset_label": dlabel, "title": es.title, "kind": es.kind,
+                        "metrics": metrics, "notes": list(es.notes) + notes,
+                        "meta": {"n_queries": len(es.query_paths), "n_db": len(es.db_paths),
+                                 "max_size": max_size,
+                                 "crop": es.crop, "dim": int(desc.db.shape[1]),
+                                 "extract_seconds": round(desc.seconds, 2), "descriptors_cached": desc.cached,
+                                 "rank_seconds": round(time.perf_counter() - t0, 3),
+                                 "db_errors": len(desc.db_errors)},
+                    }
+                    runs.append(run)
+                    head = _get(run, "medium", "mAP") if es.kind == "revisited" else (
+                        _get(run, None, "N-S") if es.kind == "ukbench" else _get(run, None, "mAP"))
+                    what = {"revisited": "M mAP", "ukbench": "N-S"}.get(es.kind, "mAP")
+                    _log(f"[bench {n_done}/{n_total}] {mlabel} scales {scales} rerank {rr} on {dlabel}: "
+                         f"{what} {head:.2f}" + (" (cached descriptors)" if desc.cached else ""), quiet)
+                    if plots and config.grids:
+                        nq = len(es.query_paths)
+                        qs = np.linspace(0, nq - 1, min(config.grid_queries, nq)).astype(int)
+                        qs = sorted(set(qs.tolist()))
+                        k = min(config.grid_topk, ranks.shape[0])
+                        grid_data.append((es, dlabel, run, qs, ranks[:k, qs].copy()))
+                    del ranks
+        del net
+    result = {
+        "title": config.title, "command": command,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "glimr_version": _version(), "git_commit": _git_commit(),
+        "settings": {"max_size": config.max_size or "per dataset (Revisited/Oxford 1024, others 512)",
+                     "scales": config.scales, "rerank": config.rerank, "cache": str(config.cache)
+                     if config.cache else None, "batch_size": config.batch_size},
+        "config": config.raw, "runs": runs, "plots": [],
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    if plots:
+        pdir = out / "plots"
+        for label in labels:
+            f = _plot_map(runs, label, pdir / f"map_{_slug(label)}.png")
+            result["plots"].append({"dataset": label, "what": f"{label}: mAP per method",
+                                    "file": str(f.relative_to(out))})
+        for es, dlabel, run, qs, top in grid_data:
+            m = run["method"]
+            name = f"{m['label']} s{m['scales']}" + (f" +{m['rerank']}" if m["rerank"] != "none" else "")
+            f = plot_ranked_grid(es, qs, top, f"{dlabel}: {name}, top {top.shape[0]}",
+                                 pdir / f"grid_{_slug(dlabel)}__{_slug(name)}.png")
+            result["plots"].append({"dataset": dlabel, "what": f"{dlabel}: ranked results of {name}",
+                                    "file": str(f.relative_to(out))})
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(render_markdown(result))
+    _log(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}"
+         + (f" and {len(result['plots'])} plots in {out / 'plots'}" if plots else ""), quiet)
+    return result
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("glimr")
+    except Exception:  # noqa: BLE001
+        import glimr  # noqa: PLC0415
+
+        return getattr(glimr, "__version__", "unknown")

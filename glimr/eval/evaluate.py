@@ -1,0 +1,469 @@
+"""Dataset-level evaluation: images -> descriptors -> rankings -> (re-ranking) -> the published metrics.
+
+One call does it all::
+
+    from glimr.eval.evaluate import evaluate
+    report = evaluate("roxford5k", root="data/datasets", model="gem-lite0", scales="3")
+    print(report.table()); report.metrics["medium"]["mAP"]
+
+Datasets (:func:`load_eval_set`): ``roxford5k``, ``rparis6k`` (Revisited E/M/H), ``oxford5k``, ``paris6k``
+(original protocol) with ``root``; ``ukbench`` with ``root`` (N-S score); any folder holding ``gnd.json``
+with ``query/`` and ``db/`` (Clutter-UKB), given as the dataset itself or as ``root/<name>``.
+
+Protocol safeguards: Revisited/Oxford queries are cropped to their ground-truth box unless ``crop=False``
+(and the report then says so); junk is ignored as the protocol says; a failed query image is an error;
+a failed database image is ranked last (it counts as not retrieved) and is listed in the report.
+
+Re-ranking: :data:`RERANKERS` maps a name to ``fn(q_desc, db_desc, ranks, **params) -> ranks`` where
+``q_desc`` [Nq, D] and ``db_desc`` [Ndb, D] are the L2-normalised descriptors, ``ranks`` the
+[Ndb, Nq] ranking by inner product (column j for query j, best first), and the result has the same
+layout (it may list fewer rows, e.g. a re-ranked top-k; unlisted images count as not retrieved).
+A spec string ``"name"`` or ``"name:key=value,key=value"`` passes ``params`` (numbers are parsed).
+``none`` is built in; a module of ``glimr.rerank`` exposes its methods by adding them to a dict
+``RERANKERS`` in ``glimr/rerank/__init__.py`` (eval reads it; rerank never imports eval), or by one
+line in :data:`RERANKERS` below.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glimr.data.gndjson import is_gnd_json_folder, load_gnd_json
+from glimr.data.revisited import DATASETS as REVISITED_DATASETS
+from glimr.data.revisited import load_revisited
+from glimr.data.ukbench import load_ukbench
+from glimr.eval import metrics as M
+
+__all__ = [
+    "RERANKERS",
+    "EvalError",
+    "EvalSet",
+    "EvalReport",
+    "Descriptors",
+    "available_rerankers",
+    "parse_rerank",
+    "apply_rerank",
+    "load_eval_set",
+    "model_identity",
+    "rank_by_inner_product",
+    "extract_descriptors",
+    "score_descriptors",
+    "evaluate",
+    "format_metrics_table",
+    "KNOWN_DATASETS",
+]
+
+KNOWN_DATASETS = (*REVISITED_DATASETS, "ukbench")
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as the protocol requires (missing data, failed query image...)."""
+
+
+# ------------------------------------------------------------------------------------------ re-rankers
+Reranker = Callable[..., np.ndarray]
+
+
+def rerank_none(q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray, **params) -> np.ndarray:
+    """No re-ranking: the ranking by inner product as is."""
+    if params:
+        raise ValueError(f"re-ranker 'none' takes no parameters (got {sorted(params)})")
+    return ranks
+
+
+#: name -> ``fn(q_desc, db_desc, ranks, **params) -> ranks`` (see the module doc).
+RERANKERS: dict[str, Reranker] = {
+    "none": rerank_none,
+}
+
+
+def available_rerankers() -> dict[str, Reranker]:
+    """:data:`RERANKERS` plus those that ``glimr.rerank`` exposes in its own ``RERANKERS`` dict."""
+    out = dict(RERANKERS)
+    try:
+        import glimr.rerank as rr  # noqa: PLC0415
+
+        out.update(getattr(rr, "RERANKERS", {}) or {})
+    except ImportError:  # pragma: no cover - the package is part of glimr
+        pass
+    return out
+
+
+def _parse_value(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def parse_rerank(spec: str) -> tuple[str, dict]:
+    """``"none"`` -> ("none", {}); ``"alpha-qe:k=2,alpha=3"`` -> ("alpha-qe", {"k": 2, "alpha": 3})."""
+    name, _, rest = spec.strip().partition(":")
+    params = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"re-ranker spec {spec!r}: parameters are key=value, comma separated")
+        params[k.strip()] = _parse_value(v.strip())
+    known = available_rerankers()
+    if name not in known:
+        raise ValueError(f"unknown re-ranker {name!r}: choose one of {', '.join(sorted(known))}")
+    return name, params
+
+
+def apply_rerank(spec: str, q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    name, params = parse_rerank(spec)
+    out = np.asarray(available_rerankers()[name](q_desc, db_desc, ranks, **params))
+    if out.ndim != 2 or out.shape[1] != ranks.shape[1] or not np.issubdtype(out.dtype, np.integer):
+        raise EvalError(f"re-ranker {name!r} returned {out.dtype} {out.shape}; expected integer ranks "
+                        f"[<= {ranks.shape[0]}, {ranks.shape[1]}]")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ datasets
+@dataclass
+class EvalSet:
+    """What an evaluation needs from a dataset: images, query boxes, and how to score rankings."""
+
+    name: str
+    title: str
+    kind: str  # "revisited" | "oxford" | "ukbench" | "gnd.json"
+    query_paths: list[Path]
+    db_paths: list[Path]
+    query_boxes: list | None
+    score: Callable[[np.ndarray], tuple[dict, list[str]]]  # ranks -> (metrics, notes)
+    relevant: Callable[[int], tuple[set, set]]  # query -> (positive db indices, ignored db indices)
+    same_images: bool = False  # queries are the database images (UKBench)
+    default_max_size: int = 512
+    notes: list[str] = field(default_factory=list)
+    crop: bool | None = None  # for Revisited/Oxford: queries cropped to their box
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(M.REVISITED_PROTOCOLS) if self.kind == "revisited" else []
+
+
+def _results_to_metrics(results: dict[str, M.ProtocolResult]) -> tuple[dict, list[str]]:
+    notes = [f"{name}: {r.note()}" for name, r in results.items() if r.note()]
+    return {name: r.as_dict() for name, r in results.items()}, notes
+
+
+def _revisited_set(name: str, root, *, crop: bool, distractors, images) -> EvalSet:
+    if root is None and images is None:
+        raise EvalError(f"{name}: pass --root, the folder holding gnd_{name}.pkl and the images "
+                        f"(revisitop layout: ROOT/{name}/gnd_{name}.pkl and ROOT/{name}/jpg/)")
+    kw = {"images": images} if images is not None else {}
+    root_p = Path(root) if root is not None else None
+    if root_p is not None and root_p.is_file():
+        ds = load_revisited(name, gnd_path=root_p, crop=crop, distractors=distractors, **kw)
+    else:
+        ds = load_revisited(name, root_p, crop=crop, distractors=distractors, **kw)
+    ds.require_images()
+    if ds.protocol == "revisited":
+        def score(ranks):
+            return _results_to_metrics(M.revisited_eval(ranks, ds.gnd))
+
+        def relevant(q):  # the Medium protocol, for pictures
+            g = ds.gnd[q]
+            return set(g["easy"].tolist()) | set(g["hard"].tolist()), set(g["junk"].tolist())
+    else:
+        def score(ranks):
+            r = M.oxford_eval(ranks, ds.gnd)
+            return r.as_dict(), ([r.note()] if r.note() else [])
+
+        truth = M.oxford_ground_truth(ds.gnd)
+
+        def relevant(q):
+            return set(truth[q]["ok"].tolist()), set(truth[q]["junk"].tolist())
+    n_dis = ds.n_distractors
+    set_name = name if not n_dis else f"{name}+{n_dis // 1000}k" if n_dis >= 1000 else f"{name}+{n_dis}"
+    return EvalSet(name=set_name, title=ds.title, kind=ds.protocol, query_paths=list(ds.query_paths),
+                   db_paths=list(ds.db_paths), query_boxes=list(ds.query_boxes) if crop else None,
+                   score=score, relevant=relevant, default_max_size=1024, notes=list(ds.notes), crop=crop)
+
+
+def _ukbench_set(root) -> EvalSet:
+    if root is None:
+        raise EvalError("ukbench: pass --root, the folder of ukbench00000.jpg ...")
+    ds = load_ukbench(root)
+    objects = ds.objects
+
+    def score(ranks):
+        ns = M.ukbench_ns(ranks, objects, objects)
+        truth = [{"ok": np.flatnonzero(objects == o), "junk": np.empty(0, np.int64)} for o in objects]
+        r = M.compute_map(ranks, truth, (1, 4))
+        return {"N-S": ns, "mAP": r.map}, []
+
+    def relevant(q):
+        return set(np.flatnonzero(objects == objects[q]).tolist()), set()
+
+    return EvalSet(name="ukbench", title=ds.title, kind="ukbench", query_paths=list(ds.paths),
+                   db_paths=list(ds.paths), query_boxes=None, score=score, relevant=relevant,
+                   same_images=True, default_max_size=512)
+
+
+def _gnd_json_set(folder) -> EvalSet:
+    ds = load_gnd_json(folder)
+    kappas = tuple(ds.extra.get("kappas", (1, 3)))
+
+    def score(ranks):
+        r = M.gnd_json_eval(ranks, ds.positives, ds.junk, kappas)
+        return r.as_dict(), ([r.note()] if r.note() else [])
+
+    def relevant(q):
+        return set(ds.positives[q]), (set(ds.junk[q]) if ds.junk is not None else set())
+
+    return EvalSet(name=ds.name, title=ds.title, kind="gnd.json", query_paths=ds.query_paths,
+                   db_paths=ds.db_paths, query_boxes=ds.query_boxes, score=score, relevant=relevant,
+                   default_max_size=512)
+
+
+def load_eval_set(dataset: str | os.PathLike, *, root: str | os.PathLike | None = None, crop: bool = True,
+                  distractors: str | os.PathLike | None = None, images: str | os.PathLike | None = None
+                  ) -> EvalSet:
+    """Resolve a dataset name or folder into an :class:`EvalSet` (see the module doc)."""
+    ds = str(dataset)
+    key = ds.lower()
+    if key in REVISITED_DATASETS:
+        return _revisited_set(key, root, crop=crop, distractors=distractors, images=images)
+    if distractors is not None:
+        raise EvalError("--distractors applies to roxford5k/rparis6k/oxford5k/paris6k only")
+    if not crop:
+        warnings.warn(f"crop=False has no effect on {ds}: only Revisited/Oxford queries have boxes",
+                      stacklevel=2)
+    if key == "ukbench":
+        return _ukbench_set(root)
+    for cand in ([Path(root) / ds] if root is not None else []) + [Path(ds)]:
+        if is_gnd_json_folder(cand):
+            return _gnd_json_set(cand)
+    raise EvalError(f"unknown dataset {ds!r}: use one of {', '.join(KNOWN_DATASETS)} (with --root), or a "
+                    "folder holding gnd.json, query/ and db/ (e.g. bench-data/clutter-dev-medium)")
+
+
+# ------------------------------------------------------------------------------------------ ranking
+def rank_by_inner_product(q_desc: np.ndarray, db_desc: np.ndarray, *, invalid_db: Sequence[int] = (),
+                          chunk: int = 64) -> np.ndarray:
+    """Full rankings [Ndb, Nq] by descending inner product (ties: lower db index first).
+    Rows of ``invalid_db`` (failed images) are ranked last."""
+    q = np.asarray(q_desc, dtype=np.float32)
+    db = np.asarray(db_desc, dtype=np.float32)
+    if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
+        raise ValueError(f"descriptor shapes do not match: queries {q.shape}, database {db.shape}")
+    bad = np.asarray(list(invalid_db), dtype=np.int64)
+    ranks = np.empty((db.shape[0], q.shape[0]), dtype=np.int64)
+    for s in range(0, q.shape[0], chunk):
+        scores = db @ q[s:s + chunk].T  # [Ndb, c]
+        if bad.size:
+            scores[bad] = -np.inf
+        ranks[:, s:s + chunk] = np.argsort(-scores, axis=0, kind="stable")
+    return ranks
+
+
+# ------------------------------------------------------------------------------------------ descriptors
+@dataclass
+class Descriptors:
+    q: np.ndarray
+    db: np.ndarray
+    q_errors: dict[int, str]
+    db_errors: dict[int, str]
+    seconds: float
+    cached: bool = False
+
+
+def _file_stamp(p) -> list:
+    try:
+        st = os.stat(p)
+        return [os.path.abspath(p), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(p)]
+
+
+def descriptor_cache_key(model_id: dict, evalset: EvalSet, scales: Sequence[float], max_size: int) -> str:
+    h = hashlib.sha256()
+    head = {"model": model_id, "scales": [round(float(s), 6) for s in scales], "max_size": int(max_size),
+            "kind": evalset.kind}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for p in evalset.query_paths:
+        h.update(os.path.abspath(p).encode() + b"\0")
+    h.update(b"|boxes|" + json.dumps(evalset.query_boxes).encode())
+    for p in evalset.db_paths:
+        h.update(os.path.abspath(p).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def model_identity(net, name: str | None, checkpoint) -> dict:
+    return {"name": getattr(net, "name", name) or name,
+            "checkpoint": _file_stamp(checkpoint) if checkpoint else None,
+            "config": getattr(net, "config", None)}
+
+
+def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_size: int,
+                        batch_size: int = 16, workers: int = 2, progress: bool = True,
+                        cache_dir: str | os.PathLike | None = None,
+                        model_id: dict | None = None) -> Descriptors:
+    """Global descriptors of the queries (cropped to their boxes) and the database, cached on disk when
+    ``cache_dir`` is given (keyed by model, checkpoint file, scales, max size, image lists and boxes)."""
+    from glimr.extract.multiscale import extract  # noqa: PLC0415
+
+    cache_file = None
+    if cache_dir is not None:
+        key = descriptor_cache_key(model_id or model_identity(net, None, None), evalset, scales, max_size)
+        mname = str((model_id or {}).get("name") or getattr(net, "name", "model")).replace("/", "_")
+        cache_file = Path(cache_dir) / f"{evalset.name}__{mname}__{key}.npz"
+        if cache_file.is_file():
+            with np.load(cache_file, allow_pickle=False) as z:
+                errs = json.loads(str(z["errors"]))
+                return Descriptors(q=z["q"], db=z["db"], q_errors={int(k): v for k, v in errs["q"].items()},
+                                   db_errors={int(k): v for k, v in errs["db"].items()},
+                                   seconds=float(z["seconds"]), cached=True)
+    t0 = time.perf_counter()
+    kw = dict(scales=tuple(scales), max_size=max_size, batch_size=batch_size, workers=workers,
+              progress=progress)
+    db_res = extract(net, [str(p) for p in evalset.db_paths], desc=f"{evalset.name} database", **kw)
+    if evalset.same_images:
+        q_res = db_res
+    else:
+        q_res = extract(net, [str(p) for p in evalset.query_paths], boxes=evalset.query_boxes,
+                        desc=f"{evalset.name} queries", **kw)
+    out = Descriptors(q=np.asarray(q_res.descriptors, np.float32),
+                      db=np.asarray(db_res.descriptors, np.float32),
+                      q_errors=dict(q_res.errors), db_errors=dict(db_res.errors),
+                      seconds=time.perf_counter() - t0)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}.npz")
+        errs = json.dumps({"q": {str(k): v for k, v in out.q_errors.items()},
+                           "db": {str(k): v for k, v in out.db_errors.items()}})
+        np.savez(tmp, q=out.q, db=out.db, errors=np.array(errs), seconds=np.array(out.seconds))
+        os.replace(tmp, cache_file)
+    return out
+
+
+def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none"
+                      ) -> tuple[dict, list[str], np.ndarray]:
+    """Rank, re-rank and score: returns (metrics, notes, ranks)."""
+    if desc.q_errors:
+        i, msg = next(iter(sorted(desc.q_errors.items())))
+        raise EvalError(f"{len(desc.q_errors)} query image(s) of {evalset.name} could not be read, e.g. "
+                        f"{evalset.query_paths[i]}: {msg}. Every query must be evaluated; fix or restore "
+                        "the file")
+    ranks = rank_by_inner_product(desc.q, desc.db, invalid_db=sorted(desc.db_errors))
+    ranks = apply_rerank(rerank, desc.q, desc.db, ranks)
+    metrics, notes = evalset.score(ranks)
+    if desc.db_errors:
+        notes.append(f"{len(desc.db_errors)} database image(s) could not be read and are ranked last "
+                     f"(e.g. {evalset.db_paths[min(desc.db_errors)]})")
+    return metrics, notes, ranks
+
+
+# ------------------------------------------------------------------------------------------ reports
+@dataclass
+class EvalReport:
+    dataset: str
+    title: str
+    kind: str
+    metrics: dict  # {"mAP":..} or {"easy": {...}, "medium": {...}, "hard": {...}} (percent); UKBench: N-S
+    meta: dict
+    notes: list[str]
+    ranks: np.ndarray | None = None
+    descriptors: Descriptors | None = None
+
+    def to_json(self) -> dict:
+        """The metrics at the top level (per protocol where there are several), plus ``meta``."""
+        return {**self.metrics, "meta": {**self.meta, "notes": self.notes}}
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def table(self) -> str:
+        m = self.meta
+        head = [self.title,
+                f"model {m['model']}" + (f" (checkpoint {m['checkpoint']})" if m.get("checkpoint") else "")
+                + f" | scales {','.join(f'{s:g}' for s in m['scales'])} | max size {m['max_size']}"
+                + f" | re-rank {m['rerank']} | {m['n_queries']} queries, {m['n_db']} database images"]
+        if m.get("crop") is True:
+            head.append("queries cropped to their ground-truth box (the protocol)")
+        elif m.get("crop") is False:
+            head.append("queries NOT cropped to their box (--no-crop): not the published protocol")
+        lines = head + ["", format_metrics_table(self.metrics)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """A plain-text table: one row per protocol (or one row), one column per metric."""
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, dict)] or [("", metrics)]
+    cols = list(rows[0][1])
+    w = max(8, *(len(r[0]) for r in rows))
+    out = [f"{'protocol' if rows[0][0] else '':<{w}}" + "".join(f"{c:>9}" for c in cols)]
+    for name, vals in rows:
+        out.append(f"{name:<{w}}" + "".join(f"{vals[c]:>9.2f}" for c in cols))
+    return "\n".join(out)
+
+
+def parse_scales_arg(scales) -> tuple[float, ...]:
+    if isinstance(scales, str):
+        from glimr.extract.multiscale import parse_scales  # noqa: PLC0415
+
+        return tuple(parse_scales(scales))
+    return tuple(float(s) for s in scales)
+
+
+def build_net(model: str = "gem-lite0", checkpoint: str | os.PathLike | None = None,
+              weights: str = "pretrained"):
+    from glimr.models.registry import build_model  # noqa: PLC0415
+
+    net = build_model(model, checkpoint=str(checkpoint) if checkpoint else None, weights=weights)
+    return net.eval()
+
+
+def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "gem-lite0", checkpoint=None,
+             weights: str = "pretrained", net=None, scales="1", max_size: int | None = None,
+             rerank: str = "none",
+             crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int = 2,
+             progress: bool = True, cache_dir=None, keep: bool = False) -> EvalReport:
+    """Evaluate a model on a dataset under its published protocol.
+
+    ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence); ``max_size``: longest image side
+    (default 1024 for Revisited/Oxford as in the papers, 512 otherwise); ``rerank``: a re-ranker spec;
+    ``net``: an already built model (else built from ``model``/``checkpoint``); ``keep``: keep the
+    rankings and descriptors in the report.
+    """
+    parse_rerank(rerank)  # fail early on a bad spec
+    evalset = dataset if isinstance(dataset, EvalSet) else load_eval_set(
+        dataset, root=root, crop=crop, distractors=distractors, images=images)
+    sc = parse_scales_arg(scales)
+    max_size = int(max_size or evalset.default_max_size)
+    if net is None:
+        net = build_net(model, checkpoint, weights)
+    model_name = getattr(net, "name", None) or model
+    desc = extract_descriptors(net, evalset, scales=sc, max_size=max_size, batch_size=batch_size,
+                               workers=workers, progress=progress, cache_dir=cache_dir,
+                               model_id=model_identity(net, model_name, checkpoint))
+    t0 = time.perf_counter()
+    metrics, notes, ranks = score_descriptors(evalset, desc, rerank)
+    meta = {"dataset": evalset.name, "title": evalset.title, "protocol": evalset.kind, "model": model_name,
+            "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "max_size": max_size,
+            "rerank": rerank, "crop": evalset.crop, "n_queries": len(evalset.query_paths),
+            "n_db": len(evalset.db_paths), "dim": int(desc.db.shape[1]),
+            "extract_seconds": round(desc.seconds, 3), "descriptors_cached": desc.cached,
+            "rank_seconds": round(time.perf_counter() - t0, 3),
+            "db_errors": len(desc.db_errors)}
+    return EvalReport(dataset=evalset.name, title=evalset.title, kind=evalset.kind, metrics=metrics,
+                      meta=meta,
+                      notes=list(evalset.notes) + notes, ranks=ranks if keep else None,
+                      descriptors=desc if keep else None)

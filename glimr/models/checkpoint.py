@@ -1,0 +1,85 @@
+"""Checkpoints: `NAME.safetensors` (tensors only: nothing executable) + `NAME.json` (config)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model, path: str | Path, extra: dict | None = None) -> Path:
+    """Write weights + config atomically (temporary files, then rename)."""
+    st, js = _paths(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    st.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=st.parent, prefix=f".{st.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, st)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    cfg = dict(model.config)
+    cfg.update(extra or {})
+    atomic_write_bytes(js, json.dumps(cfg, indent=2, sort_keys=True).encode())
+    return st
+
+
+def load_model(path: str | Path, map_location: str = "cpu"):
+    from glimr.models.registry import build_model
+
+    st, js = _paths(path)
+    for p in (st, js):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file '{p}' not found: a checkpoint is NAME.safetensors + NAME.json "
+                                  "as written by `glimr train`")
+    try:
+        cfg = json.loads(js.read_text())
+        name = cfg["name"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"'{js}' is not a glimr checkpoint config (needs a 'name' key): {e}") from e
+    model = build_model(name, weights="none", **cfg.get("head_kwargs", {}))
+    try:
+        state = load_file(str(st), device=map_location)
+    except Exception as e:
+        raise CheckpointError(f"cannot read '{st}': {e}; re-export the checkpoint") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"'{st}' does not fit model {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.config.update({k: v for k, v in cfg.items() if k not in ("name", "head_kwargs")})
+    return model.eval()
+
+
+def torch_load_trusted(path: str | Path):
+    """The only torch.load in glimr: tensors only (weights_only=True)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

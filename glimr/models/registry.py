@@ -1,0 +1,57 @@
+"""Model registry: a model name is `HEAD-BACKBONE` (e.g. `gem-lite0`, `glam-resnet50`).
+
+Adding a method = its head file, its test, and one line in HEADS.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from glimr.models.backbones import SPECS as BACKBONES
+from glimr.models.backbones import build_backbone
+from glimr.models.net import RetrievalNet
+
+HEADS: dict[str, tuple[str, str]] = {
+    # name: (module:class, one-line description)
+    "gem": ("glimr.models.heads.gem:GeMHead", "GeM baseline: GeM pooling (+ optional whitening FC), L2"),
+}
+
+DEFAULT_MODEL = "gem-lite0"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    head, _, bb = name.partition("-")
+    if head not in HEADS or bb not in BACKBONES:
+        raise ValueError(f"unknown model {name!r}: a model is HEAD-BACKBONE with HEAD in {sorted(HEADS)} "
+                         f"and BACKBONE in {sorted(BACKBONES)} (see `glimr models`)")
+    return head, bb
+
+
+def head_class(head: str):
+    mod, _, cls = HEADS[head][0].partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def available_models() -> list[dict]:
+    return [{"name": f"{h}-{b}", "head": h, "backbone": b, "about": HEADS[h][1]} for h in HEADS for b in BACKBONES]
+
+
+def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, weights: str = "pretrained",
+                **head_kwargs) -> RetrievalNet:
+    """Build a model by name; with `checkpoint`, its JSON config (next to the .safetensors file) decides
+    the name and head arguments, and its weights are loaded (the backbone starts random: the checkpoint
+    holds it)."""
+    if checkpoint is not None:
+        from glimr.models.checkpoint import load_model
+        return load_model(checkpoint)
+    head, bb = split_name(name)
+    backbone = build_backbone(bb, weights=weights)
+    net = RetrievalNet(backbone, head_class(head)(backbone, **head_kwargs), name,
+                       {"name": name, "head_kwargs": head_kwargs})
+    return net.eval()
+
+
+def describe(name: str) -> str:
+    head, bb = split_name(name)
+    return json.dumps({"name": name, "head": head, "backbone": bb, "about": HEADS[head][1]})

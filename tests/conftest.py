@@ -1,0 +1,18 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Real images and ground truth live outside the repository, in ../shared/data (see its README.md).
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (``../shared/data`` relative to the repository root)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared test data not found at '{SHARED_DATA}': the tests need ../shared/data")
+    return SHARED_DATA

@@ -1,0 +1,305 @@
+"""Dataset-level evaluation, `glimr eval` and `glimr bench`, on real images with the real model.
+
+The gnd.json dataset is built in tmp_path from real UKBench views and real photos (the Clutter-UKB
+layout, without the clutter). The Revisited pipeline is checked on the real ground truth with every
+image name pointing at a real Oxford image, and descriptors from an oracle (1000s of images are too
+many for a unit test): what is tested there is the protocol plumbing (query boxes reach the extractor,
+cropping is reported, the three protocols come out).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import glimr.extract.multiscale as multiscale
+from glimr.data.gndjson import load_gnd_json
+from glimr.data.revisited import load_gnd
+from glimr.data.ukbench import load_ukbench
+from glimr.eval import evaluate as E
+from glimr.eval import metrics as M
+from glimr.eval.bench import load_config, render_markdown, run_bench
+from glimr.eval.cli import main, register
+
+N_OBJ = 5
+SIZE = 160  # small images keep the real model fast on CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_gnd(tmp_path_factory, shared_data):
+    """gnd.json folder: queries = view 0 of 5 UKBench objects; db = views 1-3 of each + 8 real photos."""
+    root = tmp_path_factory.mktemp("tiny") / "tiny-ukb"
+    (root / "query").mkdir(parents=True)
+    (root / "db").mkdir()
+    uk = shared_data / "ukbench"
+    queries, db, positives = [], [], []
+    for o in range(N_OBJ):
+        qn = f"q{o}.jpg"
+        shutil.copy(uk / f"ukbench{4 * o:05d}.jpg", root / "query" / qn)
+        queries.append(qn)
+        positives.append([])
+        for v in (1, 2, 3):
+            n = f"p{o}_{v}.jpg"
+            shutil.copy(uk / f"ukbench{4 * o + v:05d}.jpg", root / "db" / n)
+            positives[-1].append(len(db))
+            db.append(n)
+    photos = sorted((shared_data / "photos").iterdir())[:8]
+    for i, p in enumerate(photos):
+        n = f"n{i}{p.suffix}"
+        shutil.copy(p, root / "db" / n)
+        db.append(n)
+    (root / "gnd.json").write_text(json.dumps({"query": queries, "db": db, "positives": positives}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def net():
+    return E.build_net("gem-lite0")
+
+
+@pytest.fixture
+def same_net(net, monkeypatch):
+    """The CLI and bench build their model by name: hand them the one already built (same model)."""
+    import glimr.eval.bench as bench
+
+    def build(name="gem-lite0", checkpoint=None, weights="pretrained"):
+        assert name == "gem-lite0" and checkpoint is None
+        return net
+
+    monkeypatch.setattr(E, "build_net", build)
+    monkeypatch.setattr(bench, "build_net", build)
+    return net
+
+
+# ------------------------------------------------------------------------------------------ loaders
+def test_gnd_json_and_ukbench_loaders(tiny_gnd, shared_data, tmp_path):
+    ds = load_gnd_json(tiny_gnd)
+    assert ds.n_queries == N_OBJ and ds.n_db == 3 * N_OBJ + 8 and ds.positives[1] == [3, 4, 5]
+    es = E.load_eval_set(str(tiny_gnd))
+    assert es.kind == "gnd.json" and es.relevant(2) == ({6, 7, 8}, set())
+    assert E.load_eval_set("tiny-ukb", root=tiny_gnd.parent).name == "tiny-ukb"
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_gnd, bad)
+    data = json.loads((bad / "gnd.json").read_text())
+    data["positives"][0] = [99]
+    (bad / "gnd.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="outside"):
+        load_gnd_json(bad)
+    uk = load_ukbench(shared_data / "ukbench")
+    assert len(uk) == 300 and uk.n_objects == 75 and uk.objects[7] == 1
+    es = E.load_eval_set("ukbench", root=shared_data / "ukbench")
+    assert es.same_images and es.relevant(5) == ({4, 5, 6, 7}, set())
+    with pytest.raises(E.EvalError, match="unknown dataset"):
+        E.load_eval_set("no-such-set")
+
+
+# ------------------------------------------------------------------------------------ real model
+def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
+    rep = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, keep=True,
+                     cache_dir=tmp_path / "cache")
+    assert set(rep.metrics) == {"mAP", "mP@1", "mP@3"}
+    # clean UKBench views vs unrelated photos: ImageNet GeM finds most of them
+    assert rep.metrics["mAP"] > 60 and rep.metrics["mP@1"] >= 60
+    d = rep.descriptors
+    assert d.q.shape == (N_OBJ, net.dim) and d.db.shape == (3 * N_OBJ + 8, net.dim)
+    assert np.allclose(np.linalg.norm(d.db, axis=1), 1, atol=1e-4)
+    # the metric is the one of glimr.eval.metrics on the inner-product ranking
+    ranks = np.argsort(-(d.db @ d.q.T), axis=0, kind="stable")
+    assert np.array_equal(rep.ranks, ranks)
+    assert rep.metrics == M.gnd_json_map(ranks, load_gnd_json(tiny_gnd).positives)
+    assert rep.meta["max_size"] == SIZE and not rep.meta["descriptors_cached"]
+    # second time from the cache, same numbers
+    again = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False,
+                       cache_dir=tmp_path / "cache")
+    assert again.meta["descriptors_cached"] and again.metrics == rep.metrics
+    # a re-ranker from the registry gets the descriptors and the ranking
+    seen = {}
+
+    def reverse(q_desc, db_desc, ranks, flip=True):
+        seen.update(q=q_desc.shape, db=db_desc.shape, flip=flip)
+        return ranks[::-1] if flip else ranks
+
+    E.RERANKERS["test-reverse"] = reverse
+    try:
+        worse = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False,
+                           cache_dir=tmp_path / "cache", rerank="test-reverse:flip=true")
+    finally:
+        del E.RERANKERS["test-reverse"]
+    assert seen == {"q": (N_OBJ, net.dim), "db": (3 * N_OBJ + 8, net.dim), "flip": True}
+    assert worse.metrics["mAP"] < rep.metrics["mAP"] and worse.meta["rerank"] == "test-reverse:flip=true"
+
+
+def test_cli_eval_writes_json(tiny_gnd, same_net, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["eval", str(tiny_gnd), "--max-size", str(SIZE), "--workers", "0", "--quiet",
+               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and "mP@3" in printed and "tiny-ukb" in printed
+    data = json.loads(out.read_text())
+    assert {"mAP", "mP@1", "mP@3"} <= set(data) and data["meta"]["model"] == "gem-lite0"
+    assert 0 <= data["mAP"] <= 100
+
+
+def test_cli_ukbench_ns(shared_data, same_net, tmp_path, capsys):
+    # UKBench alone is easy: off-the-shelf GeM finds nearly all 4 views. 8 objects keep it short.
+    sub = tmp_path / "ukb"
+    sub.mkdir()
+    for i in range(32):
+        os.symlink(shared_data / "ukbench" / f"ukbench{i:05d}.jpg", sub / f"ukbench{i:05d}.jpg")
+    out = tmp_path / "ukb.json"
+    assert main(["eval", "ukbench", "--root", str(sub), "--max-size", str(SIZE), "--workers", "0", "--quiet",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert 3.0 < data["N-S"] <= 4.0 and "N-S" in capsys.readouterr().out
+
+
+def test_bench_writes_tables_json_and_plots(tiny_gnd, same_net, tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"""
+title: tiny bench
+output: {tmp_path / 'out'}
+cache: {tmp_path / 'cache'}
+max_size: {SIZE}
+workers: 0
+datasets:
+  - {{name: {tiny_gnd}, label: Tiny}}
+models: [gem-lite0]
+scales: ["1"]
+rerank: [none]
+plots: {{grids: true, grid_queries: 3, grid_topk: 4}}
+""")
+    res = run_bench(load_config(cfg), progress=False, quiet=True)
+    out = tmp_path / "out"
+    md = (out / "results.md").read_text()
+    assert md.startswith("# tiny bench") and "| Method | Scales | Re-rank | Tiny mAP |" in md
+    run = res["runs"][0]
+    assert f"**{run['metrics']['mAP']:.2f}**" not in md  # one method: nothing to bold
+    assert f"{run['metrics']['mAP']:.2f}" in md and "glimr bench" in md
+    assert json.loads((out / "results.json").read_text())["runs"][0]["metrics"] == run["metrics"]
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["grid_Tiny__gem-lite0_s1.png", "map_Tiny.png"]
+    assert all((out / "plots" / p).stat().st_size > 5000 for p in pngs)
+    # a second run reuses the cached descriptors; the markdown is re-rendered from the JSON alone
+    res2 = run_bench(load_config(cfg), progress=False, quiet=True, plots=False)
+    assert res2["runs"][0]["meta"]["descriptors_cached"] and res2["runs"][0]["metrics"] == run["metrics"]
+    assert "| cached |" in render_markdown(res2)
+
+
+# ------------------------------------------------------------------------------ Revisited plumbing
+@pytest.fixture(scope="module")
+def roxford_root(tmp_path_factory, shared_data):
+    """ROxford5k's layout with every listed name linked to one real sample image."""
+    root = tmp_path_factory.mktemp("rox")
+    jpg = root / "roxford5k" / "jpg"
+    jpg.mkdir(parents=True)
+    rev = shared_data / "revisited"
+    shutil.copy(rev / "gnd_roxford5k.pkl", root / "roxford5k")
+    d = load_gnd(rev / "gnd_roxford5k.pkl")
+    target = rev / "oxford-sample" / "bodleian_000132.jpg"
+    for n in d["qimlist"] + d["imlist"]:
+        src = rev / "oxford-sample" / f"{n}.jpg"
+        os.symlink(src if src.exists() else target, jpg / f"{n}.jpg")
+    return root
+
+
+def oracle_extract(gnd, calls):
+    """Descriptors that rank every query's easy+hard images first (perfect under all protocols)."""
+    names_q = {n: j for j, n in enumerate(gnd["qimlist"])}
+    nq = len(names_q)
+    db_vec = np.zeros((len(gnd["imlist"]), nq), np.float32)
+    for j, g in enumerate(gnd["gnd"]):
+        db_vec[np.concatenate([g["easy"], g["hard"]]), j] = 1
+    db_vec /= np.maximum(np.linalg.norm(db_vec, axis=1, keepdims=True), 1e-12)
+
+    def extract(model, paths, *, scales=(1.0,), max_size=512, boxes=None, batch_size=16, workers=2,
+                progress=True, desc="extract"):
+        calls.append({"n": len(paths), "boxes": boxes, "max_size": max_size, "scales": scales})
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        if stems[0] in names_q:
+            out = np.eye(nq, dtype=np.float32)[[names_q[s] for s in stems]]
+        else:
+            out = db_vec
+        return SimpleNamespace(descriptors=out, errors={})
+
+    return extract
+
+
+def test_revisited_pipeline_crops_queries_and_reports_protocols(roxford_root, monkeypatch, tmp_path, capsys):
+    gnd = load_gnd(roxford_root / "roxford5k" / "gnd_roxford5k.pkl")
+    calls = []
+    monkeypatch.setattr(multiscale, "extract", oracle_extract(gnd, calls))
+    out = tmp_path / "r.json"
+    rc = main(["eval", "roxford5k", "--root", str(roxford_root), "--scales", "3", "--json", str(out),
+               "--quiet"])
+    assert rc == 0
+    q_call = next(c for c in calls if c["n"] == 70)
+    assert q_call["boxes"] == [g["bbx"] for g in gnd["gnd"]]  # the protocol's query crops reach the extractor
+    assert q_call["max_size"] == 1024 and len(q_call["scales"]) == 3
+    printed = capsys.readouterr().out
+    assert "ROxford5k (Revisited" in printed and "cropped to their ground-truth box" in printed
+    assert "2 of 70 queries have no positives" in printed
+    data = json.loads(out.read_text())
+    for proto in ("easy", "medium", "hard"):
+        assert data[proto] == {k: pytest.approx(100.0) for k in ("mAP", "mP@1", "mP@5", "mP@10")}
+    assert data["meta"]["crop"] is True and data["meta"]["n_db"] == 4993
+    # --no-crop: no boxes, and the output says so
+    calls.clear()
+    with pytest.warns(UserWarning, match="NOT cropped"):
+        assert main(["eval", "roxford5k", "--root", str(roxford_root), "--no-crop", "--quiet"]) == 0
+    assert next(c for c in calls if c["n"] == 70)["boxes"] is None
+    assert "NOT cropped" in capsys.readouterr().out
+
+
+def test_revisited_needs_its_images(shared_data, capsys):
+    rev = shared_data / "revisited"
+    rc = main(["eval", "roxford5k", "--root", str(rev), "--images", str(rev / "oxford-sample"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "60 of 70 query images" in err and "revisitop" in err
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def test_failed_images():
+    es = E.EvalSet(name="t", title="t", kind="gnd.json", query_paths=["q0", "q1"],
+                   db_paths=[f"d{i}" for i in range(4)],
+                   query_boxes=None, score=lambda r: (M.gnd_json_map(r, [[0], [1]]), []),
+                   relevant=lambda q: ({q}, set()))
+    q = np.eye(2, 3, dtype=np.float32)
+    db = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], np.float32)
+    d = E.Descriptors(q=q, db=db, q_errors={}, db_errors={0: "corrupt"}, seconds=0.0)
+    metrics, notes, ranks = E.score_descriptors(es, d)
+    assert ranks[-1, 0] == 0 and metrics["mAP"] == pytest.approx((100 / 8 + 100) / 2)  # failed positive last
+    assert "could not be read" in notes[0]
+    d.q_errors = {1: "truncated"}
+    with pytest.raises(E.EvalError, match="q1: truncated"):
+        E.score_descriptors(es, d)
+
+
+def test_rerank_specs():
+    assert E.parse_rerank("none") == ("none", {})
+    E.RERANKERS["x-test"] = E.rerank_none
+    try:
+        expected = ("x-test", {"k": 2, "alpha": 3.5, "mode": "fast"})
+        assert E.parse_rerank("x-test:k=2,alpha=3.5,mode=fast") == expected
+    finally:
+        del E.RERANKERS["x-test"]
+    with pytest.raises(ValueError, match="unknown re-ranker"):
+        E.parse_rerank("nope")
+    with pytest.raises(ValueError, match="key=value"):
+        E.parse_rerank("none:oops")
+
+
+def test_help_has_examples():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="glimr")
+    sub = parser.add_subparsers()
+    register(sub)
+    for name in ("eval", "bench"):
+        text = sub.choices[name].format_help()
+        assert "example" in text and f"glimr {name} " in text
