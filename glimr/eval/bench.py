@@ -8,13 +8,14 @@ Config (YAML; relative paths are relative to the working directory)::
     max_size: 512                            # optional: longest side; default per dataset
     batch_size: 16
     workers: 2
+    device: auto                             # auto = the GPU if there is one
     datasets:                                # a name or folder, or a mapping
       - bench-data/clutter-dev-medium
       - {name: roxford5k, root: data/datasets, label: ROxf}
       - {name: roxford5k, root: data/datasets, distractors: data/revisitop1m, label: ROxf+1M}
     models:                                  # a registry name, or a mapping
       - gem-lite0
-      - {name: gem-lite0, checkpoint: runs/gem/model.safetensors, label: GeM (trained)}
+      - {name: gem-lite0, checkpoint: runs/gem/model.safetensors, label: "GeM (trained)"}
     scales: ["1", "3"]                       # scale sets (see glimr.extract.multiscale.SCALE_SETS)
     rerank: [none]                           # re-ranker specs (see glimr.eval.evaluate.RERANKERS)
     plots: {grids: true, grid_queries: 6, grid_topk: 8}
@@ -86,6 +87,7 @@ class BenchConfig:
     max_size: int | None = None
     batch_size: int = 16
     workers: int = 2
+    device: str = "auto"
     grids: bool = True
     grid_queries: int = 6
     grid_topk: int = 8
@@ -112,8 +114,8 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
         raise ValueError(f"bench config {path}: invalid YAML ({e})") from e
     if not isinstance(raw, dict):
         raise ValueError(f"bench config {path}: expected a mapping at the top level")
-    known = {"title", "output", "cache", "max_size", "batch_size", "workers", "datasets", "models", "scales",
-             "rerank", "plots"}
+    known = {"title", "output", "cache", "max_size", "batch_size", "workers", "device", "datasets", "models",
+             "scales", "rerank", "plots"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"bench config {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -153,7 +155,8 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
                        models=models,
                        scales=scales, rerank=reranks, cache=Path(cache_dir) if cache_dir else None,
                        max_size=raw.get("max_size"), batch_size=int(raw.get("batch_size", 16)),
-                       workers=int(raw.get("workers", 2)), grids=bool(plots.get("grids", True)),
+                       workers=int(raw.get("workers", 2)), device=str(raw.get("device", "auto")),
+                       grids=bool(plots.get("grids", True)),
                        grid_queries=int(plots.get("grid_queries", 6)),
                        grid_topk=int(plots.get("grid_topk", 8)),
                        source=path, raw=raw)
@@ -368,7 +371,8 @@ def plot_ranked_grid(evalset: EvalSet, queries: list[int], top: np.ndarray, titl
     fig.suptitle(f"{title}\ngreen: correct, red: wrong, grey: ignored (junk)", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    # photos: JPEG keeps committed result grids small
+    fig.savefig(out, dpi=100, **({"pil_kwargs": {"quality": 85}} if out.suffix == ".jpg" else {}))
     plt.close(fig)
     return out
 
@@ -387,7 +391,6 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
         config = load_config(config)
     command = command or f"glimr bench {config.source}"
     out = config.output
-    out.mkdir(parents=True, exist_ok=True)
     # resolve every dataset before any model work: missing data fails fast
     sets: list[tuple[DatasetSpec, EvalSet, str]] = []
     for d in config.datasets:
@@ -396,6 +399,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
     labels = [s[2] for s in sets]
     if len(set(labels)) != len(labels):
         raise ValueError(f"bench config: dataset labels must differ ({labels}); set 'label' for each")
+    out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     grid_data: list[tuple] = []
     t_start = time.perf_counter()
@@ -404,7 +408,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
     for mspec in config.models:
         _log(f"[bench] building {mspec.name}" + (f" from {mspec.checkpoint}" if mspec.checkpoint else ""),
              quiet)
-        net = build_net(mspec.name, mspec.checkpoint, mspec.weights)
+        net = build_net(mspec.name, mspec.checkpoint, mspec.weights, config.device)
         model_name = getattr(net, "name", None) or mspec.name
         mlabel = mspec.label or model_name
         model_id = model_identity(net, model_name, mspec.checkpoint)
@@ -465,7 +469,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
             m = run["method"]
             name = f"{m['label']} s{m['scales']}" + (f" +{m['rerank']}" if m["rerank"] != "none" else "")
             f = plot_ranked_grid(es, qs, top, f"{dlabel}: {name}, top {top.shape[0]}",
-                                 pdir / f"grid_{_slug(dlabel)}__{_slug(name)}.png")
+                                 pdir / f"grid_{_slug(dlabel)}__{_slug(name)}.jpg")
             result["plots"].append({"dataset": dlabel, "what": f"{dlabel}: ranked results of {name}",
                                     "file": str(f.relative_to(out))})
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

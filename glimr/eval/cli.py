@@ -47,7 +47,9 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a trained checkpoint (.safetensors with its JSON config)")
     p.add_argument("--weights", default="pretrained",
                    help="backbone weights when no checkpoint (default pretrained)")
-    p.add_argument("--scales", default="1", help='scale set: "1", "3", "5" or a list like "1,0.7071,1.4142"')
+    p.add_argument("--scales", nargs="+", default=["1"],
+                   help='scale set: 1, 3 (0.7071 1 1.4142), 5 (0.5 .. 2) or the scales themselves, '
+                        'e.g. "1,0.7071,1.4142" or 1 0.7071 1.4142')
     p.add_argument("--max-size", type=int, default=None,
                    help="longest image side (default: 1024 for Revisited/Oxford as in the papers, "
                         "512 otherwise)")
@@ -59,6 +61,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="FILE",
                    help="also write the metrics (and settings) to FILE")
     p.add_argument("--cache", help="folder to cache descriptors in (reused when nothing changed)")
+    p.add_argument("--device", default="auto", help='"auto" (GPU if any), "cpu", "cuda", "cuda:1"...')
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,6 +78,7 @@ def _add_bench(sub) -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the config's output folder")
     p.add_argument("--cache", help="override the config's descriptor cache folder")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables and JSON only")
+    p.add_argument("--device", default=None, help='override the config\'s device ("auto": GPU if any)')
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_bench_cmd)
     return p
@@ -90,11 +94,11 @@ def run_eval(args) -> int:
     from glimr.eval.evaluate import evaluate  # noqa: PLC0415  (keeps `glimr --help` fast)
 
     report = evaluate(args.dataset, root=args.root, images=args.images, model=args.model,
-                      checkpoint=args.checkpoint, weights=args.weights, scales=args.scales,
+                      checkpoint=args.checkpoint, weights=args.weights, scales=",".join(args.scales),
                       max_size=args.max_size, rerank=args.rerank, crop=args.crop,
                       distractors=args.distractors,
                       batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
-                      cache_dir=args.cache)
+                      cache_dir=args.cache, device=args.device)
     print(report.table())
     if args.json_path:
         report.write_json(args.json_path)
@@ -106,6 +110,8 @@ def run_bench_cmd(args) -> int:
     from glimr.eval.bench import load_config, run_bench  # noqa: PLC0415
 
     cfg = load_config(args.config, output=args.output, cache=args.cache)
+    if args.device:
+        cfg.device = args.device
     cmd = "glimr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "bench" else None
     res = run_bench(cfg, command=cmd or f"glimr bench {args.config}", plots=args.plots,
                     progress=not args.quiet, quiet=args.quiet)

@@ -57,6 +57,8 @@ __all__ = [
     "extract_descriptors",
     "score_descriptors",
     "evaluate",
+    "build_net",
+    "resolve_device",
     "format_metrics_table",
     "KNOWN_DATASETS",
 ]
@@ -243,9 +245,17 @@ def load_eval_set(dataset: str | os.PathLike, *, root: str | os.PathLike | None 
                       stacklevel=2)
     if key == "ukbench":
         return _ukbench_set(root)
-    for cand in ([Path(root) / ds] if root is not None else []) + [Path(ds)]:
+    cands = ([Path(root) / ds] if root is not None else []) + [Path(ds)]
+    for cand in cands:
         if is_gnd_json_folder(cand):
             return _gnd_json_set(cand)
+    if any(c.is_dir() for c in cands):
+        raise EvalError(f"{next(c for c in cands if c.is_dir())} holds no gnd.json: a dataset folder holds "
+                        "gnd.json, query/ and db/")
+    if "/" in ds or os.sep in ds:
+        nor = f" (nor {cands[0]})" if root is not None else ""
+        raise EvalError(f"dataset folder {ds} does not exist{nor}. For Clutter-UKB, build it: "
+                        "../shared/tools/build_clutter_dev.sh bench-data")
     raise EvalError(f"unknown dataset {ds!r}: use one of {', '.join(KNOWN_DATASETS)} (with --root), or a "
                     "folder holding gnd.json, query/ and db/ (e.g. bench-data/clutter-dev-medium)")
 
@@ -302,9 +312,14 @@ def descriptor_cache_key(model_id: dict, evalset: EvalSet, scales: Sequence[floa
 
 
 def model_identity(net, name: str | None, checkpoint) -> dict:
+    """What identifies a model's descriptors in the cache (name, checkpoint file, config, device type)."""
+    try:
+        device = next(net.parameters()).device.type
+    except (AttributeError, StopIteration, TypeError):
+        device = None
     return {"name": getattr(net, "name", name) or name,
             "checkpoint": _file_stamp(checkpoint) if checkpoint else None,
-            "config": getattr(net, "config", None)}
+            "config": getattr(net, "config", None), "device": device}
 
 
 def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_size: int,
@@ -423,25 +438,35 @@ def parse_scales_arg(scales) -> tuple[float, ...]:
     return tuple(float(s) for s in scales)
 
 
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    import torch  # noqa: PLC0415
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def build_net(model: str = "gem-lite0", checkpoint: str | os.PathLike | None = None,
-              weights: str = "pretrained"):
+              weights: str = "pretrained", device: str = "auto"):
+    """The model by registry name (or from a checkpoint), in eval mode, on ``device``."""
     from glimr.models.registry import build_model  # noqa: PLC0415
 
     net = build_model(model, checkpoint=str(checkpoint) if checkpoint else None, weights=weights)
-    return net.eval()
+    return net.eval().to(resolve_device(device))
 
 
 def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "gem-lite0", checkpoint=None,
              weights: str = "pretrained", net=None, scales="1", max_size: int | None = None,
              rerank: str = "none",
              crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int = 2,
-             progress: bool = True, cache_dir=None, keep: bool = False) -> EvalReport:
+             progress: bool = True, cache_dir=None, keep: bool = False, device: str = "auto") -> EvalReport:
     """Evaluate a model on a dataset under its published protocol.
 
     ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence); ``max_size``: longest image side
     (default 1024 for Revisited/Oxford as in the papers, 512 otherwise); ``rerank``: a re-ranker spec;
-    ``net``: an already built model (else built from ``model``/``checkpoint``); ``keep``: keep the
-    rankings and descriptors in the report.
+    ``net``: an already built model (else built from ``model``/``checkpoint`` on ``device``: "auto" = the
+    GPU if there is one); ``keep``: keep the rankings and descriptors in the report.
     """
     parse_rerank(rerank)  # fail early on a bad spec
     evalset = dataset if isinstance(dataset, EvalSet) else load_eval_set(
@@ -449,7 +474,7 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     sc = parse_scales_arg(scales)
     max_size = int(max_size or evalset.default_max_size)
     if net is None:
-        net = build_net(model, checkpoint, weights)
+        net = build_net(model, checkpoint, weights, device)
     model_name = getattr(net, "name", None) or model
     desc = extract_descriptors(net, evalset, scales=sc, max_size=max_size, batch_size=batch_size,
                                workers=workers, progress=progress, cache_dir=cache_dir,

@@ -58,7 +58,7 @@ def tiny_gnd(tmp_path_factory, shared_data):
 
 @pytest.fixture(scope="module")
 def net():
-    return E.build_net("gem-lite0")
+    return E.build_net("gem-lite0", device="cpu")
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def same_net(net, monkeypatch):
     """The CLI and bench build their model by name: hand them the one already built (same model)."""
     import glimr.eval.bench as bench
 
-    def build(name="gem-lite0", checkpoint=None, weights="pretrained"):
+    def build(name="gem-lite0", checkpoint=None, weights="pretrained", device="auto"):
         assert name == "gem-lite0" and checkpoint is None
         return net
 
@@ -95,6 +95,10 @@ def test_gnd_json_and_ukbench_loaders(tiny_gnd, shared_data, tmp_path):
     assert es.same_images and es.relevant(5) == ({4, 5, 6, 7}, set())
     with pytest.raises(E.EvalError, match="unknown dataset"):
         E.load_eval_set("no-such-set")
+    with pytest.raises(E.EvalError, match="does not exist.*build_clutter_dev"):
+        E.load_eval_set(str(tmp_path / "bench-data" / "clutter-dev-medium"))
+    with pytest.raises(E.EvalError, match="holds no gnd.json"):
+        E.load_eval_set(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------ real model
@@ -171,7 +175,7 @@ datasets:
 models: [gem-lite0]
 scales: ["1"]
 rerank: [none]
-plots: {{grids: true, grid_queries: 3, grid_topk: 4}}
+plots: {{grids: true, grid_queries: 2, grid_topk: 3}}
 """)
     res = run_bench(load_config(cfg), progress=False, quiet=True)
     out = tmp_path / "out"
@@ -181,9 +185,10 @@ plots: {{grids: true, grid_queries: 3, grid_topk: 4}}
     assert f"**{run['metrics']['mAP']:.2f}**" not in md  # one method: nothing to bold
     assert f"{run['metrics']['mAP']:.2f}" in md and "glimr bench" in md
     assert json.loads((out / "results.json").read_text())["runs"][0]["metrics"] == run["metrics"]
-    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert pngs == ["grid_Tiny__gem-lite0_s1.png", "map_Tiny.png"]
-    assert all((out / "plots" / p).stat().st_size > 5000 for p in pngs)
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["grid_Tiny__gem-lite0_s1.jpg", "map_Tiny.png"]
+    assert all((out / "plots" / p).stat().st_size > 5000 for p in plots)
+    assert "![Tiny: ranked results of gem-lite0 s1](plots/grid_Tiny__gem-lite0_s1.jpg)" in md
     # a second run reuses the cached descriptors; the markdown is re-rendered from the JSON alone
     res2 = run_bench(load_config(cfg), progress=False, quiet=True, plots=False)
     assert res2["runs"][0]["meta"]["descriptors_cached"] and res2["runs"][0]["metrics"] == run["metrics"]
@@ -234,12 +239,12 @@ def test_revisited_pipeline_crops_queries_and_reports_protocols(roxford_root, mo
     calls = []
     monkeypatch.setattr(multiscale, "extract", oracle_extract(gnd, calls))
     out = tmp_path / "r.json"
-    rc = main(["eval", "roxford5k", "--root", str(roxford_root), "--scales", "3", "--json", str(out),
-               "--quiet"])
+    rc = main(["eval", "roxford5k", "--root", str(roxford_root), "--scales", "0.7071", "1", "1.4142",
+               "--json", str(out), "--quiet"])
     assert rc == 0
     q_call = next(c for c in calls if c["n"] == 70)
     assert q_call["boxes"] == [g["bbx"] for g in gnd["gnd"]]  # the protocol's query crops reach the extractor
-    assert q_call["max_size"] == 1024 and len(q_call["scales"]) == 3
+    assert q_call["max_size"] == 1024 and q_call["scales"] == (0.7071, 1.0, 1.4142)
     printed = capsys.readouterr().out
     assert "ROxford5k (Revisited" in printed and "cropped to their ground-truth box" in printed
     assert "2 of 70 queries have no positives" in printed

@@ -1,7 +1,7 @@
 """CiDeR head (Song et al., CVPR 2024: "On train-test class overlap and detection for image retrieval"):
 single-stage detect-to-retrieve, f = f^p o f^l o f^c o f^e o f^b (eq. (6)), on the backbone's last map F = res5.
 
-    f^e  backbone enhancement:  "eca" | "nonlocal" | "se" | "ge" (gather-excite) | "none"     (timm layers)
+    f^e  backbone enhancement:  "eca" | "nonlocal" | "se" (timm layers) | "ge" (gather-excite GE-theta) | "none"
     f^c  selective context:     "aspp" | "sk" (selective kernel) | "none"
     f^l  attentional localization (Sec. 4):
          eq. (1)  A = eta(zeta(f(F)))         f = 1x1 conv to one channel, zeta = softplus
@@ -50,13 +50,40 @@ from glimr.models.backbones import Backbone
 from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
 
+
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
 ENHANCEMENTS = ("eca", "nonlocal", "se", "ge", "none")
 CONTEXTS = ("aspp", "sk", "none")
 
 
-def build_enhancement(kind: str, channels: int, eca_kernel: int | None = None, se_reduction: int = 16) -> nn.Module:
-    """f^e: a shape-preserving channel/non-local block from timm."""
-    from timm.layers import EcaModule, GatherExcite, NonLocalAttn, SEModule
+class GatherExcite(nn.Module):
+    """Gather-excite GE-theta (Hu et al., NeurIPS 2018): gather with log2(extent) depthwise 3x3 stride-2 convs
+    (BN between, ReLU between), excite = nearest upsampling to the input size + sigmoid; x * gate.
+    (timm 1.0's GatherExcite cannot build its parametric variants: `*dd` instead of `**dd`.)"""
+
+    def __init__(self, channels: int, extent: int = 8):
+        super().__init__()
+        n = max(1, int(math.log2(extent)))
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False),
+                       nn.BatchNorm2d(channels)]
+            if i < n - 1:
+                layers.append(nn.ReLU(inplace=True))
+        self.gather = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = F.interpolate(self.gather(x), size=x.shape[-2:], mode="nearest")
+        return x * torch.sigmoid(g)
+
+
+def build_enhancement(kind: str, channels: int, eca_kernel: int | None = None, se_reduction: int = 16,
+                      ge_extent: int = 8) -> nn.Module:
+    """f^e: a shape-preserving channel/non-local block (timm's, except gather-excite)."""
+    from timm.layers import EcaModule, NonLocalAttn, SEModule
 
     if kind == "eca":
         # channels given + no kernel: ECA-Net's adaptive kernel size k = odd(|log2(c) + 1| / 2)
@@ -64,7 +91,7 @@ def build_enhancement(kind: str, channels: int, eca_kernel: int | None = None, s
     if kind == "se":
         return SEModule(channels, rd_ratio=1.0 / se_reduction)
     if kind == "ge":
-        return GatherExcite(channels, extent=0, extra_params=False, use_mlp=True, rd_ratio=1.0 / se_reduction)
+        return GatherExcite(channels, ge_extent)
     if kind == "nonlocal":
         return NonLocalAttn(channels)  # embedded-Gaussian NL block with residual, zero-initialised output BN
     if kind == "none":
@@ -132,7 +159,7 @@ class AttentionalLocalization(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         # CiDeR eq. (1): A = eta(zeta(f(F))), in fp32 (min-max over small differences)
-        return minmax(F.softplus(self.f(x).float()[:, 0]))       # CiDeR eq. (2) inside minmax
+        return minmax(F.softplus(hi(self.f(x))[:, 0]))       # CiDeR eq. (2) inside minmax
 
     def background(self, a: torch.Tensor) -> torch.Tensor | float:
         """beta: clip(eps, 0, 1), eps ~ N(beta_mean, beta_std^2) per image and position, in training with
@@ -156,7 +183,7 @@ class AttentionalLocalization(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.attention(x)
         m = self.masks(a, self.background(a))                     # (B, T, h, w)
-        w = F.softplus(self.alpha.float())
+        w = F.softplus(hi(self.alpha))
         # CiDeR eqs. (4)-(5): F^l = sum_i w_i (M_i * F) / sum_i w_i = (sum_i w_i M_i / sum_i w_i) * F
         fused = (m * w.view(1, -1, 1, 1)).sum(dim=1, keepdim=True) / w.sum()
         return x * fused.to(x.dtype), a, m
@@ -167,21 +194,23 @@ class CiDeRHead(nn.Module):
     (= i/(T+1)), beta_random=True, beta_mean=0.1, beta_std=0.9, beta_fixed=0.0, mask_grad="ste",
     ste_temperature=0.1, p=3.0, learn_p=True, dim=None (no whitening: the descriptor is GeM's c-d vector,
     2048 for ResNet), eca_kernel=None, se_reduction=16, context_width=None (c // 16), aspp_rates=(3, 6, 9),
-    sk_groups=32, context_residual=True, use_localization=True (False: the "SC + BE" ablation of Table 7)."""
+    sk_groups=32, context_residual=True, use_localization=True (False: the "SC + BE" ablation of Table 7),
+    ge_extent=8 (gather-excite GE-theta extent)."""
 
     def __init__(self, backbone: Backbone, enhancement: str = "eca", context: str = "aspp", num_masks: int = 2,
                  thresholds: Sequence[float] | None = None, beta_random: bool = True, beta_mean: float = 0.1,
                  beta_std: float = 0.9, beta_fixed: float = 0.0, mask_grad: str = "ste", ste_temperature: float = 0.1,
                  p: float = 3.0, learn_p: bool = True, dim: int | None = None, eca_kernel: int | None = None,
                  se_reduction: int = 16, context_width: int | None = None, aspp_rates: Sequence[int] = (3, 6, 9),
-                 sk_groups: int = 32, context_residual: bool = True, use_localization: bool = True):
+                 sk_groups: int = 32, context_residual: bool = True, use_localization: bool = True,
+                 ge_extent: int = 8):
         super().__init__()
         c = backbone.channels["res5"]
         if thresholds is None:
             thresholds = [i / (num_masks + 1) for i in range(1, num_masks + 1)]
         elif len(thresholds) != num_masks:
             raise ValueError(f"got {len(thresholds)} thresholds for num_masks={num_masks}")
-        self.enhance = build_enhancement(enhancement, c, eca_kernel, se_reduction)
+        self.enhance = build_enhancement(enhancement, c, eca_kernel, se_reduction, ge_extent)
         self.context = build_context(context, c, context_width, aspp_rates, sk_groups)
         self.context_residual = context_residual
         self.localize = AttentionalLocalization(c, thresholds, beta_random, beta_mean, beta_std, beta_fixed,
@@ -201,7 +230,7 @@ class CiDeRHead(nn.Module):
         g = self.pool(f)                                           # f^p
         if self.whiten is not None:
             g = self.whiten(g)
-        return RetrievalOutput(descriptor=l2n(g.float()), attention=maps, local=f)
+        return RetrievalOutput(descriptor=l2n(hi(g)).float(), attention=maps, local=f)
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -33,6 +33,11 @@ from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
 
 
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class MultiAtrous(nn.Module):
     """Three dilated 3x3 convs + a global-average branch, concatenated, 1x1 conv + ReLU."""
 
@@ -64,8 +69,8 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.bn(self.conv(x))
-        a = F.softplus(self.score(F.relu(f)).float())               # (B, 1, h, w)
-        fl = F.normalize(f.float(), p=2, dim=1) * a
+        a = F.softplus(hi(self.score(F.relu(f))))               # (B, 1, h, w)
+        fl = F.normalize(hi(f), p=2, dim=1) * a
         return fl.to(x.dtype), a[:, 0]
 
 
@@ -96,8 +101,8 @@ class DOLGHead(nn.Module):
 
     def forward(self, res4: torch.Tensor, res5: Callable[[torch.Tensor], torch.Tensor]) -> RetrievalOutput:
         fl, a = self.attention(self.atrous(res4))
-        fg = self.global_fc(self.pool(res5(res4))).float()           # f_g = FC(GeM(res5))
+        fg = hi(self.global_fc(self.pool(res5(res4))))           # f_g = FC(GeM(res5))
         # DOLG orthogonal fusion + average pooling: pool([f_g, f_orth]) = [f_g, orth(mean f_l)]
-        orth = orthogonal_component(fl.float().mean(dim=(2, 3)), fg)
-        desc = l2n(self.fc(torch.cat([fg, orth], dim=1)).float())
+        orth = orthogonal_component(hi(fl).mean(dim=(2, 3)), fg)
+        desc = l2n(hi(self.fc(torch.cat([fg, orth], dim=1)))).float()
         return RetrievalOutput(descriptor=desc, attention={"A": a}, local=fl)

@@ -38,6 +38,11 @@ from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
 
 
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class ReceptiveFieldBlock(nn.Module):
     """RFB with a GeM branch (DPLG Sec. 3.2): X4 (B, D4, h, w) -> X4' (B, D4, h, w)."""
 
@@ -78,9 +83,9 @@ class DotProductFusion(nn.Module):
         xq = F.linear(vg, self.q.weight.flatten(1), self.q.bias)     # X_Q (B, D4)
         qk = F.linear(xq, self.k.weight.flatten(1).t())              # X_Q W_K (B, D4)
         with torch.autocast(x.device.type, enabled=False):          # attention in fp32, also under autocast
-            logits = torch.einsum("bc,bcl->bl", qk.float(), xf.float())   # X_Q X_K^T
+            logits = torch.einsum("bc,bcl->bl", hi(qk), hi(xf))   # X_Q X_K^T
             a = torch.softmax(logits / math.sqrt(d4), dim=-1)        # DPLG eq. (2)
-            ax = torch.einsum("bl,bcl->bc", a, xf.float())           # A X4'
+            ax = torch.einsum("bl,bcl->bc", a, hi(xf))           # A X4'
         vl = F.linear(ax.to(vg.dtype), self.v.weight.flatten(1), self.v.bias)   # DPLG eq. (3): V_l = A X_V
         return vl, a
 
@@ -107,5 +112,5 @@ class DPLGHead(nn.Module):
         vg = self.pool(x5)                                           # DPLG eq. (1): V_g = GeM(X5)
         vg = F.linear(vg, self.reduce.weight.flatten(1), self.reduce.bias)   # V_g'
         vl, a = self.fusion(x4, vg)
-        desc = l2n(self.fc(vg + vl.to(vg.dtype)).float())            # F = FC(V_g' + V_l)
+        desc = l2n(hi(self.fc(vg + vl.to(vg.dtype)))).float()            # F = FC(V_g' + V_l)
         return RetrievalOutput(descriptor=desc, attention={"A": a.view(-1, *x4.shape[-2:])}, local=x4)

@@ -45,6 +45,11 @@ from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
 
 
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class LocalChannelAttention(nn.Module):
     """ECA-style local channel attention: A_c^l = sigmoid(conv1d_k(GAP(F))), (B, c, 1, 1)."""
 
@@ -93,8 +98,8 @@ class GlobalChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.shape
         y = x.mean(dim=(2, 3)).view(b, 1, c)
-        q = torch.sigmoid(self.query(y)).float()             # (B, 1, c)
-        k = torch.sigmoid(self.key(y)).float()               # (B, 1, c)
+        q = hi(torch.sigmoid(self.query(y)))             # (B, 1, c)
+        k = hi(torch.sigmoid(self.key(y)))               # (B, 1, c)
         # GLAM eq. (3): A_c^g = softmax(K_c^T Q_c); A[i, j] = K_i Q_j, normalised over i
         # the outer product as a broadcast product: stays fp32 under autocast (a matmul would run in bf16)
         att = torch.softmax(k.transpose(1, 2) * q, dim=1)    # (B, c, c)
@@ -122,7 +127,7 @@ class GlobalSpatialAttention(nn.Module):
         v = self.value(x).flatten(2)
         # GLAM eq. (4): A_s^g = softmax(K_s^T Q_s); A[i, j] = K_i . Q_j, normalised over locations i
         with torch.autocast(x.device.type, enabled=False):  # logits and softmax in fp32, also under autocast
-            att = torch.softmax(torch.bmm(k.transpose(1, 2).float(), q.float()), dim=1)   # (B, hw, hw)
+            att = torch.softmax(torch.bmm(hi(k.transpose(1, 2)), hi(q)), dim=1)   # (B, hw, hw)
         y = torch.bmm(v, att.to(v.dtype)).view(b, -1, h, w)                  # V_s A_s^g: (B, c', h, w)
         return self.out(y), att
 
@@ -175,7 +180,7 @@ class GLAMHead(nn.Module):
         terms.append(f)
         if self.fusion is None:
             return f, maps
-        wts = torch.softmax(self.fusion.float(), dim=0)
+        wts = torch.softmax(hi(self.fusion), dim=0)
         # GLAM eq. (7), with the printed typo fixed: F^gl = w_l F^l + w_g F^g + w F
         f_gl = sum(wt.to(t.dtype) * t for wt, t in zip(wts, terms))
         return f_gl, maps
@@ -184,5 +189,5 @@ class GLAMHead(nn.Module):
         f = res5(res4)
         f_gl, maps = self.attend(f)
         g = self.fc(self.dropout(self.pool(f_gl)))
-        g = self.bn(g.float())                               # batch norm in fp32 (also under bf16 autocast)
-        return RetrievalOutput(descriptor=l2n(g.float()), attention=maps, local=f_gl)
+        g = self.bn(hi(g))                               # batch norm in fp32 (also under bf16 autocast)
+        return RetrievalOutput(descriptor=l2n(hi(g)).float(), attention=maps, local=f_gl)

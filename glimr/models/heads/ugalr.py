@@ -40,6 +40,11 @@ from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
 
 
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class LALM(nn.Module):
     """X (B, C4, h, w) -> (D = G * X, G), both (B, C4, h, w)."""
 
@@ -61,7 +66,7 @@ class LALM(nn.Module):
         gv = self.g(r).flatten(2).transpose(1, 2)
         # UGALR eq. (2): X' = softmax(theta_v phi_v^T), softmax in fp32
         with torch.autocast(r.device.type, enabled=False):  # logits and softmax in fp32, also under autocast
-            att = torch.softmax(torch.bmm(th.float(), ph.transpose(1, 2).float()), dim=-1)
+            att = torch.softmax(torch.bmm(hi(th), hi(ph.transpose(1, 2))), dim=-1)
         # UGALR eq. (3): Y = view(X' g_v)
         y = torch.bmm(att.to(gv.dtype), gv).transpose(1, 2).reshape(b, -1, h, w)
         return self.w(y), att                                      # UGALR eq. (4): Z = w(Y)
@@ -97,9 +102,9 @@ class UGALRHead(nn.Module):
         d, g = self.lalm(res4)
         o = d.mean(dim=1, keepdim=True)                            # channel average pooling -> O (1 x h x w)
         f5 = res5(torch.cat([res4, o.to(res4.dtype)], dim=1))
-        desc = l2n(self.whiten(self.pool(f5)).float())
+        desc = l2n(hi(self.whiten(self.pool(f5)))).float()
         aux = {}
         if self.training:                                          # intermediate supervision (L_a, eq. (5))
             aux["inter_embedding"] = self.inter_whiten(d.mean(dim=(2, 3)))
-        maps = {"G": g.float().mean(dim=1), "O": o[:, 0].float()}
+        maps = {"G": hi(g).mean(dim=1), "O": hi(o[:, 0])}
         return RetrievalOutput(descriptor=desc, attention=maps, local=f5, aux=aux)

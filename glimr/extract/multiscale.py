@@ -1,0 +1,187 @@
+"""Multi-scale global descriptors.
+
+For each image: optional query crop (box in original pixels), resize so the longest side is `max_size`
+(downscale only, as in the GeM/cirtorch protocol), then for every scale s resize by s, run the model,
+take its L2-normalised descriptor; sum over scales and L2-normalise again.
+
+Decoding and resizing run in DataLoader worker processes; the main process groups images of identical
+size into batches (so no padding changes the pooled descriptor), runs the model under bf16 autocast where
+the hardware has native bf16, and never aborts on a bad file: it is reported and its row left at zero.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from glimr.models.precision import autocast
+
+SCALE_SETS: dict[str, tuple[float, ...]] = {
+    "1": (1.0,),
+    "3": (0.7071, 1.0, 1.4142),                 # GeM / GLAM / DPLG multi-scale
+    "5": (0.5, 0.7071, 1.0, 1.4142, 2.0),       # DELG / co-attention / UGALR 5 scales
+}
+
+Box = tuple[float, float, float, float]
+
+
+def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
+    """"1" | "3" | "5" | "1,0.7071,1.4142" | a sequence of floats -> tuple of positive floats."""
+    if not isinstance(spec, str):
+        scales = tuple(float(s) for s in spec)
+    elif spec.strip() in SCALE_SETS:
+        scales = SCALE_SETS[spec.strip()]
+    else:
+        try:
+            scales = tuple(float(s) for s in spec.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"bad scales {spec!r}: use 1, 3, 5 or a comma list like 1,0.7071,1.4142") from None
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise ValueError(f"bad scales {spec!r}: need one or more positive numbers")
+    return scales
+
+
+def parse_box(spec: str) -> Box:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"bad box {spec!r}: expected x0,y0,x1,y1 in pixels") from None
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"bad box {spec!r}: need x1 > x0 and y1 > y0")
+    return (x0, y0, x1, y1)
+
+
+def crop_box(img: Image.Image, box: Box, name: str = "<image>") -> Image.Image:
+    x0, y0, x1, y1 = box
+    x0, y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    x1, y1 = min(img.width, math.ceil(x1)), min(img.height, math.ceil(y1))
+    if x1 <= x0 or y1 <= y0:
+        raise ImageError(str(name), f"crop box {box} lies outside the {img.width}x{img.height} image",
+                         hint="give the box as x0,y0,x1,y1 in the image's pixels")
+    return img.crop((x0, y0, x1, y1))
+
+
+def resized_views(img: Image.Image, scales: Sequence[float], max_size: int) -> list[torch.Tensor]:
+    """The per-scale uint8 (3, h, w) tensors of one image."""
+    s0 = min(1.0, max_size / max(img.size))  # downscale only
+    views = []
+    for s in scales:
+        w, h = max(1, round(img.width * s0 * s)), max(1, round(img.height * s0 * s))
+        im = img if (w, h) == img.size else img.resize((w, h), Image.BILINEAR)
+        views.append(torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1))
+    return views
+
+
+class ImageViews(Dataset):
+    """Item i -> (i, [per-scale uint8 tensors] or None, error message or None)."""
+
+    def __init__(self, items: Sequence[str | Path | Image.Image], scales: Sequence[float], max_size: int,
+                 boxes: Sequence[Box | None] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if boxes is not None and len(boxes) != len(items):
+            raise ValueError(f"{len(boxes)} boxes for {len(items)} images")
+        self.items, self.scales, self.max_size = list(items), tuple(scales), int(max_size)
+        self.boxes, self.max_pixels = boxes, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item, box = self.items[i], (self.boxes[i] if self.boxes is not None else None)
+        try:
+            if isinstance(item, Image.Image):
+                img = item.convert("RGB")
+            else:
+                # JPEG draft decoding only when no crop box needs the original pixel grid
+                target = None if box is not None else math.ceil(self.max_size * max(self.scales))
+                img = load_image(item, max_pixels=self.max_pixels, target_size=target)
+            if box is not None:
+                img = crop_box(img, box, str(item) if not isinstance(item, Image.Image) else "<image>")
+            return i, resized_views(img, self.scales, self.max_size), None
+        except ImageError as e:
+            return i, None, str(e)
+
+
+@dataclass
+class ExtractResult:
+    descriptors: np.ndarray                      # (N, D) float32, L2-normalised; zero rows for failures
+    errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> np.ndarray:
+        m = np.ones(len(self.descriptors), dtype=bool)
+        m[list(self.errors)] = False
+        return m
+
+
+def _identity(x):
+    return x
+
+
+def _loader(ds: Dataset, workers: int, batch_size: int) -> DataLoader:
+    kw = {}
+    if workers > 0:
+        kw = dict(num_workers=workers, prefetch_factor=max(2, 2 * batch_size // workers), persistent_workers=False)
+    return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
+
+
+@torch.inference_mode()
+def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *, scales: Sequence[float] = (1.0,),
+            max_size: int = 512, boxes: Sequence[Box | None] | None = None, batch_size: int = 16,
+            workers: int = 2, precision: str = "auto", progress: bool = True, desc: str = "extract",
+            max_pixels: int = DEFAULT_MAX_PIXELS, report_errors: bool = True) -> ExtractResult:
+    """Global descriptors for image paths (or PIL images). Bad files are reported and skipped."""
+    scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
+    device = next(model.parameters()).device
+    n = len(items)
+    dim = int(model.dim)
+    acc = np.zeros((n, dim), dtype=np.float32)
+    errors: dict[int, str] = {}
+    if n == 0:
+        return ExtractResult(acc, errors)
+    ds = ImageViews(items, scales, max_size, boxes, max_pixels)
+    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    buffered = 0
+    max_buffer = 4 * batch_size
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+
+    def run(key):
+        nonlocal buffered
+        group = buckets.pop(key)
+        buffered -= len(group)
+        idx = [i for i, _ in group]
+        x = torch.stack([t for _, t in group]).to(device, non_blocking=True).float().div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            d = model(x).descriptor
+        np.add.at(acc, idx, d.float().cpu().numpy())
+
+    for i, views, err in _loader(ds, workers, batch_size):
+        if err is not None:
+            errors[i] = err
+            if report_errors:
+                tqdm.write(f"skipped: {err}", file=sys.stderr)
+        else:
+            for v in views:
+                key = (v.shape[1], v.shape[2])
+                buckets.setdefault(key, []).append((i, v))
+                buffered += 1
+                if len(buckets[key]) >= batch_size:
+                    run(key)
+            while buffered > max_buffer:
+                run(max(buckets, key=lambda k: len(buckets[k])))
+        bar.update(1)
+    for key in list(buckets):
+        run(key)
+    bar.close()
+    norms = np.linalg.norm(acc, axis=1, keepdims=True)
+    np.divide(acc, norms, out=acc, where=norms > 0)
+    return ExtractResult(acc, errors)

@@ -1,0 +1,42 @@
+"""Where bf16 pays: CPUs with native bf16 matmul (AVX512-BF16 or AMX), and CUDA devices.
+
+On a CPU without them (AVX2 only) PyTorch emulates bf16 matmuls at about 1% of the fp32 rate, so
+`autocast_dtype("auto")` picks fp32 there; `"bf16"` forces it anyway (for measurements).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if "AMX" in cap or "BF16" in cap:
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """'auto' | 'fp32' | 'bf16' -> 'fp32' | 'bf16'."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    dev = torch.device(device)
+    if resolve_precision(precision, dev) == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
