@@ -16,3 +16,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared test data not found at '{SHARED_DATA}': the tests need ../shared/data")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The offline default model (real packaged ImageNet weights), in eval mode; built once per session."""
+    from glimr.models.registry import DEFAULT_MODEL, build_model
+
+    return build_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def lite0_gem():
+    """Off-the-shelf EfficientNet-Lite0 + GeM (packaged ImageNet weights)."""
+    from glimr.models.registry import build_model
+
+    return build_model("gem-lite0")

@@ -118,14 +118,16 @@ def test_eq1_eq2_local_attention(head, feat):
         np.testing.assert_allclose(npy(f_cl[0]), r_fcl, rtol=1e-10)
 
 
-def test_eq3_eq5_global_channel_attention(head, feat):
-    g_c, a = head.global_channel(feat)
+@pytest.mark.parametrize("taylor_terms", [16, None])     # the fast exact form and the plain matrix product
+def test_eq3_eq5_global_channel_attention(head, feat, taylor_terms):
+    head.global_channel.taylor_terms = taylor_terms
+    g_c, a = head.global_channel(feat * 3)
     for b in range(feat.shape[0]):
-        r_a, r_gc, r_fcg, *_ = global_ref(head, npy(feat[b]))
+        r_a, r_gc, r_fcg, *_ = global_ref(head, npy(feat[b] * 3))
         np.testing.assert_allclose(npy(a[b]), r_a, rtol=1e-10)
         np.testing.assert_allclose(npy(a[b]).sum(axis=0), np.ones(C), rtol=1e-12)   # softmax over channels i
         np.testing.assert_allclose(npy(g_c[b]), r_gc, rtol=1e-10)
-        np.testing.assert_allclose(npy(feat[b] * g_c[b]), r_fcg, rtol=1e-10)
+        np.testing.assert_allclose(npy(feat[b] * 3 * g_c[b]), r_fcg, rtol=1e-10)
 
 
 def test_eq4_eq6_global_spatial_attention(head, feat):

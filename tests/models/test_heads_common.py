@@ -16,7 +16,7 @@ from torch import nn
 from glimr.models.backbones import Backbone, build_backbone
 from glimr.models.registry import HEADS, available_models, build_model, head_class
 
-SIZE = (128, 160)                      # res4: 8 x 10, res5: 4 x 5
+SIZE = (96, 128)                       # res4: 6 x 8, res5: 3 x 4
 HEAD_NAMES = ["gem", "glam", "cider", "ugalr", "dplg", "dolg"]
 # name -> (stage of the map: "res4" | "res5", extra leading dims)
 MAPS = {

@@ -26,7 +26,8 @@ Paper typos and gaps, and what this file does (each is a constructor argument):
   masks.
 - The appendix choices of f^e, f^c and of their widths are not available: `enhancement="eca"` (ECA-Net with
   its adaptive kernel size, `eca_kernel=None`), `context="aspp"` with atrous rates (3, 6, 9) (DeepLab's 6, 12, 18
-  at stride 16, halved for the stride-32 map), branch width c // 16 (`context_width`), image-pooling branch,
+  at stride 16, halved for the stride-32 map), branch width c // 32 (`context_width`: 64 for ResNet-50, 40 for
+  Lite0, which keeps the head's cost near a fifth of Lite0's), image-pooling branch,
   BN + ReLU, projected back to c; "sk": timm's SelectiveKernel (3x3 and dilated 3x3 paths, `sk_groups=32`).
   Both keep the shape w x h x d, as eq. (6) requires, and add their output to F (`context_residual=True`) so
   that the pretrained features pass through unchanged at the start.
@@ -121,7 +122,7 @@ def build_context(kind: str, channels: int, width: int | None = None, rates: Seq
                   sk_groups: int = 32) -> nn.Module | None:
     """f^c: a shape-preserving multi-receptive-field block."""
     if kind == "aspp":
-        return ASPP(channels, width or max(16, channels // 16), rates)
+        return ASPP(channels, width or max(16, channels // 32), rates)
     if kind == "sk":
         from timm.layers import SelectiveKernel
 
@@ -193,7 +194,7 @@ class CiDeRHead(nn.Module):
     """CiDeR on res5. kwargs (defaults): enhancement="eca", context="aspp", num_masks=2, thresholds=None
     (= i/(T+1)), beta_random=True, beta_mean=0.1, beta_std=0.9, beta_fixed=0.0, mask_grad="ste",
     ste_temperature=0.1, p=3.0, learn_p=True, dim=None (no whitening: the descriptor is GeM's c-d vector,
-    2048 for ResNet), eca_kernel=None, se_reduction=16, context_width=None (c // 16), aspp_rates=(3, 6, 9),
+    2048 for ResNet), eca_kernel=None, se_reduction=16, context_width=None (c // 32), aspp_rates=(3, 6, 9),
     sk_groups=32, context_residual=True, use_localization=True (False: the "SC + BE" ablation of Table 7),
     ge_extent=8 (gather-excite GE-theta extent)."""
 

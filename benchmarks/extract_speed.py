@@ -1,0 +1,130 @@
+"""Extraction speed: the whole pipeline (decode in workers, resize, batch, forward, pool) against the same
+model's pure forward pass on ready tensors, and the bound set by its FLOPs and this CPU's matmul peak.
+
+    python benchmarks/extract_speed.py                      # Lite0, Lite2, ResNet-50 at 512 and 1024
+    python benchmarks/extract_speed.py --models lite0 --sizes 512 --precisions fp32 --seconds 10
+
+Images: real UKBench photos (640x480) for 512, the full-resolution Oxford sample photos for 1024 (repeated),
+from ../shared/data. Weights are random for ResNet (speed does not depend on them). Prints JSON lines and a
+markdown table; a bf16 row on a CPU without native bf16 is measured on few images and marked as such.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from glimr.extract.multiscale import extract
+from glimr.models.precision import autocast, cpu_has_native_bf16
+from glimr.models.registry import build_model
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def images_for(size: int) -> list[Path]:
+    if size <= 640:
+        return sorted((DATA / "ukbench").glob("*.jpg"))
+    return sorted((DATA / "revisited" / "oxford-sample").glob("*.jpg"))
+
+
+def input_shape(paths: list[Path], size: int) -> tuple[int, int]:
+    from PIL import Image
+
+    w, h = Image.open(paths[0]).size
+    s = min(1.0, size / max(w, h))
+    return round(h * s), round(w * s)
+
+
+def forward_rate(model, shape, batch: int, precision: str, seconds: float) -> tuple[float, int]:
+    x = torch.rand(batch, 3, *shape).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(precision):
+        model(x[:1])
+        n, t0 = 0, time.perf_counter()
+        while True:
+            model(x)
+            n += batch
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return n / (time.perf_counter() - t0), n
+
+
+def pipeline_rate(model, paths, size, batch, workers, precision, n_images):
+    items = list(itertools.islice(itertools.cycle(paths), n_images))
+    extract(model, items[:batch], max_size=size, batch_size=batch, workers=0, precision=precision, progress=False)
+    t0 = time.perf_counter()
+    res = extract(model, items, max_size=size, batch_size=batch, workers=workers, precision=precision,
+                  progress=False)
+    assert not res.errors
+    return n_images / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="lite0,lite2,resnet50")
+    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=15.0, help="time per measurement")
+    ap.add_argument("--out", default=None, help="also write the JSON rows here")
+    a = ap.parse_args(argv)
+    native_bf16 = cpu_has_native_bf16()
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    if "bf16" in a.precisions:
+        peaks["bf16"] = matmul_peak(torch.bfloat16, n=512 if not native_bf16 else 2048)
+    print(json.dumps({"threads": torch.get_num_threads(), "native_bf16": native_bf16,
+                      "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}}), flush=True)
+    rows = []
+    for bb, size, prec in itertools.product(a.models.split(","), map(int, a.sizes.split(",")),
+                                            a.precisions.split(",")):
+        model = build_model(f"gem-{bb}", weights="none" if bb.startswith("resnet") else "pretrained").eval()
+        paths = images_for(size)
+        shape = input_shape(paths, size)
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            model(torch.rand(1, 3, *shape))
+        flops = fc.get_total_flops()
+        slow = prec == "bf16" and not native_bf16
+        secs = a.seconds if not slow else 1.0
+        batch = a.batch_size if not slow else 1
+        fwd, n = forward_rate(model, shape, batch, prec, secs)
+        n_pipe = max(batch, int(round(fwd * secs / batch)) * batch)
+        pipe = pipeline_rate(model, paths, size, batch, a.workers, prec, n_pipe)
+        bound = peaks[prec] / flops
+        row = {"model": f"gem-{bb}", "max_size": size, "input": list(shape), "precision": prec,
+               "gflops_per_image": round(flops / 1e9, 2), "pipeline_img_s": round(pipe, 2),
+               "forward_img_s": round(fwd, 2), "pipeline_vs_forward": round(pipe / fwd, 3),
+               "flops_bound_img_s": round(bound, 2), "forward_vs_bound": round(fwd / bound, 3),
+               "batch": batch, "workers": a.workers, "note": "no native bf16 on this CPU" if slow else ""}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| model | size | input | prec | GFLOPs/img | pipeline img/s | forward img/s | pipe/fwd | "
+          "FLOP bound img/s | fwd/bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['max_size']} | {r['input'][1]}x{r['input'][0]} | {r['precision']} | "
+              f"{r['gflops_per_image']} | {r['pipeline_img_s']} | {r['forward_img_s']} | "
+              f"{r['pipeline_vs_forward']:.0%} | {r['flops_bound_img_s']} | {r['forward_vs_bound']:.0%} |"
+              + (f" {r['note']}" if r["note"] else ""))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

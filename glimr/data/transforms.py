@@ -1,0 +1,88 @@
+"""Training-time image transforms on PIL images, driven by an explicit random generator.
+
+Every function takes a ``numpy.random.Generator`` so that a view is a pure function of its seed: the
+trainer seeds one generator per (seed, epoch, sample), which makes `--resume` reproduce the exact same
+views whatever the number of DataLoader workers. GLAM's augmentation ("scaling, random cropping, and
+varied illumination") is :func:`random_resized_crop` + :func:`illumination`; :func:`to_uint8_tensor`
+gives the (3, H, W) uint8 tensor the models take (divided by 255 on the device).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            area: tuple[float, float] = (0.35, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> tuple[int, int, int, int]:
+    """A crop box (x0, y0, x1, y1) covering a random fraction `area` of the image with a random aspect-ratio
+    change in `ratio` (log-uniform), as torchvision's RandomResizedCrop; falls back to the whole image."""
+    total = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(tries):
+        a = total * rng.uniform(*area)
+        r = math.exp(rng.uniform(lo, hi)) * width / height      # relative to the image's own aspect ratio
+        w = int(round(math.sqrt(a * r)))
+        h = int(round(math.sqrt(a / r)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return x0, y0, x0 + w, y0 + h
+    return 0, 0, width, height
+
+
+def random_resized_crop(img: Image.Image, rng: np.random.Generator, area: tuple[float, float] = (0.35, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    return img.crop(random_resized_crop_box(img.width, img.height, rng, area, ratio))
+
+
+def illumination(img: Image.Image, rng: np.random.Generator, strength: float = 0.3) -> Image.Image:
+    """Varied illumination: brightness, contrast and saturation each scaled by a factor in
+    [1 - strength, 1 + strength], in a random order."""
+    if strength <= 0:
+        return img
+    ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for k in rng.permutation(len(ops)):
+        img = ops[int(k)](img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    return img
+
+
+def maybe_hflip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
+
+
+def fit_crop(img: Image.Image, size: tuple[int, int], rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize `img` to cover `size` = (w, h) keeping its aspect ratio, then crop `size` out of it (at a random
+    place with `rng`, else centred). Used to turn a background photo into a canvas of a group size."""
+    w, h = size
+    s = max(w / img.width, h / img.height)
+    nw, nh = max(w, round(img.width * s)), max(h, round(img.height * s))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    if rng is None:
+        x0, y0 = (nw - w) // 2, (nh - h) // 2
+    else:
+        x0, y0 = int(rng.integers(0, nw - w + 1)), int(rng.integers(0, nh - h + 1))
+    return img.crop((x0, y0, x0 + w, y0 + h))
+
+
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to exactly `size` = (w, h) (the group-size resize: the aspect ratio changes a little)."""
+    return img if img.size == tuple(size) else img.resize(tuple(size), Image.BILINEAR)
+
+
+def resize_longest(img: Image.Image, longest: int) -> Image.Image:
+    s = longest / max(img.size)
+    return img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
+    """The generator of one sample's view: a pure function of (seed, epoch, index, salt)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(salt)])
