@@ -10,13 +10,14 @@ descriptor memory).
     python benchmarks/models.py --heads gem,dplg --backbones lite0 --sizes 128 --repeats 2 --warmup 1  # smoke
 
 Models run with random weights (`weights="none"`: speed does not depend on them) on square inputs of
-`size` x `size`. FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one image (matmuls and
-convolutions; 1 multiply-add = 2 FLOPs). Times are medians over `--repeats` timed runs after `--warmup`
+`size` x `size`. FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one image, on the meta
+device (matmuls and convolutions; 1 multiply-add = 2 FLOPs). Times are medians over `--repeats` timed runs after `--warmup`
 runs, divided by the batch size; on CUDA with synchronisation.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -35,14 +36,17 @@ GOAL = 0.25
 
 
 def count_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """GFLOPs of model on one image of x's size, counted on a copy on the meta device (no computation)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    meta = copy.deepcopy(model).to("meta")
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        model(x[:1])
+        meta(torch.empty((1, *x.shape[1:]), device="meta"))
     return fc.get_total_flops() / 1e9
 
 
-def time_ms(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, warmup: int, repeats: int) -> float:
+def time_ms(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, warmup: int,
+            repeats: int) -> float:
     """Median milliseconds per image of model(x), under autocast(dtype) when dtype is given."""
     dev = x.device.type
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -50,7 +54,8 @@ def time_ms(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, 
     def once() -> float:
         sync()
         t = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+        amp = torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.inference_mode(), amp:
             model(x)
         sync()
         return time.perf_counter() - t
@@ -108,7 +113,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         flag = "" if r["meets_goal"] in (None, True) else " (over 25%)"
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['params_m']:.1f} | {r['head_params_m']:.2f} | {r['gflops']:.1f} "
+            f"| {r['model']} | {r['size']} | {r['params_m']:.1f} | {r['head_params_m']:.2f} "
+            f"| {r['gflops']:.1f} "
             f"| {num(r['ms_fp32'], '.1f')} | {num(r['ms_bf16'], '.1f')} "
             f"| {pct(r['ms_fp32_vs_gem'])} / {pct(r['ms_bf16_vs_gem'])}{flag} "
             f"| {r['descriptor_bytes']} | {r['gib_per_1m_images']:.2f} |")
@@ -117,7 +123,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads (gem is added: the baseline)")
+    ap.add_argument("--heads", default=",".join(HEADS),
+                    help="comma-separated heads (gem is always added: the baseline)")
     ap.add_argument("--backbones", default=",".join(BACKBONES))
     ap.add_argument("--sizes", default="512,1024", help="square input sizes")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")

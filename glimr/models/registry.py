@@ -15,11 +15,11 @@ from glimr.models.net import RetrievalNet
 HEADS: dict[str, tuple[str, str]] = {
     # name: (module:class, one-line description)
     "gem": ("glimr.models.heads.gem:GeMHead", "GeM baseline: GeM pooling (+ optional whitening FC), L2"),
-    "glam": ("glimr.models.heads.glam:GLAMHead", "GLAM: local+global, spatial+channel attention, fusion, GeM, FC 512"),
-    "cider": ("glimr.models.heads.cider:CiDeRHead", "CiDeR: enhancement, context, attentional localization masks, GeM"),
-    "ugalr": ("glimr.models.heads.ugalr:UGALRHead", "UGALR: LALM attention on res4, map O into res5, GeM, FC 512"),
-    "dplg": ("glimr.models.heads.dplg:DPLGHead", "DPLG: RFB on res4, dot-product attention, GeM(res5) query, FC 512"),
-    "dolg": ("glimr.models.heads.dolg:DOLGHead", "DOLG: multi-atrous local branch, orthogonal fusion, FC 512"),
+    "glam": ("glimr.models.heads.glam:GLAMHead", "GLAM: local/global spatial/channel attention, GeM, FC 512"),
+    "cider": ("glimr.models.heads.cider:CiDeRHead", "CiDeR: attentional localization masks, GeM"),
+    "ugalr": ("glimr.models.heads.ugalr:UGALRHead", "UGALR: LALM on res4, O into res5, GeM, FC 512"),
+    "dplg": ("glimr.models.heads.dplg:DPLGHead", "DPLG: RFB + dot-product attention on res4, FC 512"),
+    "dolg": ("glimr.models.heads.dolg:DOLGHead", "DOLG: multi-atrous local, orthogonal fusion, FC 512"),
 }
 
 DEFAULT_MODEL = "gem-lite0"

@@ -1,7 +1,8 @@
 """`glimr explain`: draw a model's attention maps over an image.
 
 `register(subparsers)` adds the subcommand to glimr's argparse CLI; the parsed namespace carries
-`func=run`, which returns the exit status (0 ok, 2 bad input). `python -m glimr.viz.cli explain ...` also works.
+`func=run`, which returns the exit status (0 ok, 2 bad input). `python -m glimr.viz.cli explain ...` also
+works.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "one panel per map.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="image file (JPEG, PNG, ...)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name HEAD-BACKBONE (default {DEFAULT_MODEL}; "
-                                                          "see `glimr models`)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name HEAD-BACKBONE (default {DEFAULT_MODEL}; see `glimr models`)")
     p.add_argument("--checkpoint", default=None, help="trained checkpoint (NAME.safetensors + NAME.json); "
                                                       "overrides --model")
     p.add_argument("--out", required=True, help="output PNG file")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, WeightsError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out, maps = explain(model, image, args.out, size=args.size, title=f"{model.name}: {Path(args.image).name}")
+    title = f"{model.name}: {Path(args.image).name}"
+    out, maps = explain(model, image, args.out, size=args.size, title=title)
     print(f"wrote {out} ({len(maps)} maps: {', '.join(maps)})")
     return 0
 

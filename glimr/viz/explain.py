@@ -20,7 +20,8 @@ ABSOLUTE_SCALE = ("masks",)   # maps whose values already mean something on [0, 
 
 
 def to_tensor(image: Image.Image, size: int) -> tuple[Image.Image, torch.Tensor]:
-    """Resize so that the longest side is `size` (aspect kept); return it and a (1, 3, H, W) tensor in [0, 1]."""
+    """Resize so that the longest side is `size` (aspect kept); return it and a (1, 3, H, W) tensor in
+    [0, 1]."""
     w, h = image.size
     s = size / max(w, h)
     resized = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)

@@ -1,4 +1,4 @@
-"""CiDeR head: eqs. (1)-(5) against direct, slow computations; the random mask background; CiDeR-FT freezing."""
+"""CiDeR head: eqs. (1)-(5) against direct, slow computations; the random mask background; CiDeR-FT."""
 from __future__ import annotations
 
 import math
@@ -46,7 +46,8 @@ def attention_ref(h, f):
 def masks_ref(a, thresholds, beta):
     """eq. (3): M_i(p) = beta(p) if A(p) < tau_i else 1."""
     beta = np.broadcast_to(beta, a.shape)
-    return np.array([[[beta[y, x] if a[y, x] < t else 1.0 for x in range(a.shape[1])] for y in range(a.shape[0])]
+    h, w = a.shape
+    return np.array([[[beta[y, x] if a[y, x] < t else 1.0 for x in range(w)] for y in range(h)]
                      for t in thresholds])
 
 
@@ -118,7 +119,8 @@ def test_background_random_in_training_fixed_at_inference():
 def test_eval_deterministic_and_training_random(feat):
     h = make_head().eval()
     o1, o2 = h(None, lambda _: feat), h(None, lambda _: feat)
-    assert torch.equal(o1.descriptor, o2.descriptor) and torch.equal(o1.attention["masks"], o2.attention["masks"])
+    assert torch.equal(o1.descriptor, o2.descriptor)
+    assert torch.equal(o1.attention["masks"], o2.attention["masks"])
     h.train()
     t1, t2 = h(None, lambda _: feat), h(None, lambda _: feat)
     assert not torch.equal(t1.attention["masks"], t2.attention["masks"])
@@ -150,8 +152,8 @@ def test_components_keep_shape(enhancement, context):
 
 def test_bad_arguments():
     bb = SimpleNamespace(channels={"res4": 8, "res5": 16})
-    for kw in ({"enhancement": "cbam"}, {"context": "fpn"}, {"thresholds": (0.5,)}, {"thresholds": (0.2, 1.5)},
-               {"mask_grad": "gumbel"}):
+    for kw in ({"enhancement": "cbam"}, {"context": "fpn"}, {"thresholds": (0.5,)},
+               {"thresholds": (0.2, 1.5)}, {"mask_grad": "gumbel"}):
         with pytest.raises(ValueError):
             CiDeRHead(bb, **kw)
     assert CiDeRHead(bb, dim=4).dim == 4 and CiDeRHead(bb).dim == 16

@@ -52,7 +52,7 @@ def test_receptive_field_block_concat_with_broadcast_gem(head, maps):
     p = rfb.gem.p.item()
     g = torch.from_numpy(np.stack([gem_ref(npy(x4[b]), p) for b in range(2)]))
     cat = torch.cat([br(x4) for br in rfb.branches] + [g[:, :, None, None].expand(-1, -1, H, W)], dim=1)
-    expected = F.relu(rfb.bn(rfb.fuse(cat)))                          # concatenated, then 1x1 conv (+BN, ReLU)
+    expected = F.relu(rfb.bn(rfb.fuse(cat)))                          # concatenated, 1x1 conv (+BN, ReLU)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)   # GeM itself runs in fp32
     assert out.shape == x4.shape
     ks = [(br[0][0].kernel_size[0], br[1][0].dilation[0]) for br in rfb.branches]

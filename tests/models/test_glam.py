@@ -97,7 +97,8 @@ def global_ref(h, f):
     ks = npy(gs.key.weight)[:, :, 0, 0] @ flat
     vs = npy(gs.value.weight)[:, :, 0, 0] @ flat + npy(gs.value.bias)[:, None]
     n = flat.shape[1]
-    a_sg = softmax_over_first(np.array([[ks[:, i] @ qs[:, j] for j in range(n)] for i in range(n)]))  # eq. (4)
+    logits = np.array([[ks[:, i] @ qs[:, j] for j in range(n)] for i in range(n)])
+    a_sg = softmax_over_first(logits)                                     # eq. (4)
     y_s = (vs @ a_sg).reshape(-1, hh, ww)
     g_s = conv2d_slow(y_s, npy(gs.out.weight), npy(gs.out.bias))
     f_g = f_cg * g_s + f_cg                                               # eq. (6)
@@ -178,7 +179,8 @@ def test_options_dilations_activation_ablations(feat):
     assert ((a > 0) & (a < 1)).all()
     out = GLAMHead(bb, dim=4, reduction=2, use_global=False).double().eval()(None, lambda _: feat)
     assert set(out.attention) == {"local_spatial"}
-    out = GLAMHead(bb, dim=4, reduction=2, use_local=False, use_global=False).double().eval()(None, lambda _: feat)
+    baseline = GLAMHead(bb, dim=4, reduction=2, use_local=False, use_global=False).double().eval()
+    out = baseline(None, lambda _: feat)
     assert out.attention == {} and out.descriptor.shape == (2, 4)
     with pytest.raises(ValueError):
         GLAMHead(bb, spatial_activation="relu6")

@@ -2,8 +2,8 @@
 ResNet-50 random: its weights need a download): output shapes, a gradient for every parameter, deterministic
 eval mode, the bf16 autocast path, the registry and checkpoints.
 
-To stay fast on CPU, res4 is computed once per family (no grad); each head then trains from res4 through
-res5 and itself, so "every parameter" means every parameter of the head and of res5.
+End to end on Lite0: every parameter of the whole net (stem to head) gets a gradient. On ResNet-50, to stay
+fast on CPU, res4 is computed once (no grad) and each head trains from res4 through res5 and itself.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 from glimr.models.backbones import Backbone, build_backbone
 from glimr.models.registry import HEADS, available_models, build_model, head_class
 
-SIZE = (96, 128)                       # res4: 6 x 8, res5: 3 x 4
+SIZE = (64, 96)                        # res4: 4 x 6, res5: 2 x 3
 HEAD_NAMES = ["gem", "glam", "cider", "ugalr", "dplg", "dolg"]
 # name -> (stage of the map: "res4" | "res5", extra leading dims)
 MAPS = {
@@ -36,7 +36,8 @@ def test_all_heads_registered():
     assert {f"{h}-{b}" for h in HEAD_NAMES for b in ("lite0", "resnet50")} <= names
 
 
-@pytest.fixture(scope="module", params=[("lite0", "pretrained"), ("resnet50", "none")], ids=["lite0", "resnet50"])
+@pytest.fixture(scope="module", params=[("lite0", "pretrained"), ("resnet50", "none")],
+                ids=["lite0", "resnet50"])
 def family(request):
     name, weights = request.param
     bb = build_backbone(name, weights=weights).eval()
@@ -44,12 +45,12 @@ def family(request):
     x = torch.rand(2, 3, *SIZE)
     with torch.no_grad():
         res4 = bb.forward_res4(x)
-    return bb, res4
+    return bb, x, res4, name == "lite0"
 
 
 @pytest.mark.parametrize("head_name", HEAD_NAMES)
 def test_shapes_gradients_and_determinism(family, head_name):
-    base, res4 = family
+    base, x, res4, end_to_end = family
     bb = copy.deepcopy(base)
     torch.manual_seed(1)
     head = head_class(head_name)(bb)
@@ -58,14 +59,15 @@ def test_shapes_gradients_and_determinism(family, head_name):
     # training step: every parameter of the head and of res5 gets a finite, non-zero gradient
     head.train()
     bb.train()
-    out = head(res4, bb.res5)
+    out = head(bb.forward_res4(x) if end_to_end else res4, bb.res5)
     loss = (out.descriptor * torch.randn_like(out.descriptor)).sum()
     for v in out.aux.values():                     # e.g. UGALR's intermediate supervision
         loss = loss + (v * torch.randn_like(v)).sum()
     loss.backward()
-    for name, prm in list(head.named_parameters()) + list(bb.res5.named_parameters(prefix="res5")):
+    trained = bb.named_parameters() if end_to_end else bb.res5.named_parameters(prefix="res5")
+    for name, prm in list(head.named_parameters()) + list(trained):
         assert prm.grad is not None, f"{head_name}: no gradient reaches {name}"
-        assert torch.isfinite(prm.grad).all() and prm.grad.abs().max() > 0, f"{head_name}: zero gradient at {name}"
+        assert torch.isfinite(prm.grad).all() and prm.grad.abs().max() > 0, f"{head_name}: 0 grad: {name}"
 
     # eval: contract shapes and determinism
     head.eval()
@@ -110,7 +112,7 @@ def test_bf16_autocast(head_name):
         assert torch.isfinite(m).all(), key
 
 
-@pytest.mark.parametrize("head_name", ["ugalr", "cider"])
+@pytest.mark.parametrize("head_name", ["ugalr"])          # the one that changes the backbone
 def test_build_model_and_checkpoint_roundtrip(head_name, tmp_path):
     from glimr.models.checkpoint import load_model, save_model
 

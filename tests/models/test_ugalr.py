@@ -106,7 +106,8 @@ def test_o_is_concatenated_into_res5_and_starts_neutral(lite0):
     # the new input channel is zero-initialised: the descriptor equals GeM -> FC on the original res5
     with torch.no_grad():
         ref = head.whiten(gem(original_res5(x), head.pool.p))
-    torch.testing.assert_close(out.descriptor, torch.nn.functional.normalize(ref, dim=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.descriptor, torch.nn.functional.normalize(ref, dim=1), rtol=1e-4,
+                               atol=1e-5)
     assert out.descriptor.shape == (2, 512) and out.aux == {}
 
 

@@ -1,7 +1,8 @@
 """CiDeR head (Song et al., CVPR 2024: "On train-test class overlap and detection for image retrieval"):
-single-stage detect-to-retrieve, f = f^p o f^l o f^c o f^e o f^b (eq. (6)), on the backbone's last map F = res5.
+single-stage detect-to-retrieve, f = f^p o f^l o f^c o f^e o f^b (eq. (6)), on the backbone's last map
+F = res5.
 
-    f^e  backbone enhancement:  "eca" | "nonlocal" | "se" (timm layers) | "ge" (gather-excite GE-theta) | "none"
+    f^e  backbone enhancement:  "eca" | "nonlocal" | "se" (timm layers) | "ge" (gather-excite) | "none"
     f^c  selective context:     "aspp" | "sk" (selective kernel) | "none"
     f^l  attentional localization (Sec. 4):
          eq. (1)  A = eta(zeta(f(F)))         f = 1x1 conv to one channel, zeta = softplus
@@ -25,12 +26,14 @@ Paper typos and gaps, and what this file does (each is a constructor argument):
   beta + (1 - beta) * sigmoid((A - tau_i) / `ste_temperature`). `mask_grad="none"`: the printed, gradient-free
   masks.
 - The appendix choices of f^e, f^c and of their widths are not available: `enhancement="eca"` (ECA-Net with
-  its adaptive kernel size, `eca_kernel=None`), `context="aspp"` with atrous rates (3, 6, 9) (DeepLab's 6, 12, 18
-  at stride 16, halved for the stride-32 map), branch width c // 32 (`context_width`: 64 for ResNet-50, 40 for
-  Lite0, which keeps the head's cost near a fifth of Lite0's), image-pooling branch,
+  its adaptive kernel size, `eca_kernel=None`), `context="aspp"` with atrous rates (3, 6, 9) (DeepLab's
+  6, 12, 18 at stride 16, halved for the stride-32 map), branch width c // 32 (`context_width`: 64 for
+  ResNet-50, 40 for Lite0, which keeps the head's cost near a fifth of Lite0's), image-pooling branch,
   BN + ReLU, projected back to c; "sk": timm's SelectiveKernel (3x3 and dilated 3x3 paths, `sk_groups=32`).
-  Both keep the shape w x h x d, as eq. (6) requires, and add their output to F (`context_residual=True`) so
-  that the pretrained features pass through unchanged at the start.
+  Both keep the shape w x h x d, as eq. (6) requires, and are added to F (`context_residual=True`: the
+  paper does not say; this way the pretrained features still reach the localization and pooling).
+  "ge" is gather-excite GE-theta with a local extent (`ge_extent=8`), written here (timm 1.0's variants
+  with parameters fail to build); "nonlocal" is timm's NL block, whose output BN starts at zero (identity).
 
 Attention maps returned: "A" (B, h, w) and "masks" (B, T, h, w) (with this call's beta). `local` = F^l.
 
@@ -102,13 +105,14 @@ def build_enhancement(kind: str, channels: int, eca_kernel: int | None = None, s
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLab v3) that keeps the channel count: a 1x1 branch, one 3x3 branch
-    per atrous rate and an image-pooling branch (each conv-BN-ReLU to `width`, the pooling branch without BN so
-    that batches of one train), concatenated, 1x1 conv-BN-ReLU back to `channels`."""
+    per atrous rate and an image-pooling branch (each conv-BN-ReLU to `width`, the pooling branch without BN
+    so that batches of one train), concatenated, 1x1 conv-BN-ReLU back to `channels`."""
 
     def __init__(self, channels: int, width: int, rates: Sequence[int] = (3, 6, 9)):
         super().__init__()
-        self.branches = nn.ModuleList([Conv2dNormActivation(channels, width, 1)] +
-                                      [Conv2dNormActivation(channels, width, 3, dilation=int(r)) for r in rates])
+        self.branches = nn.ModuleList(
+            [Conv2dNormActivation(channels, width, 1)]
+            + [Conv2dNormActivation(channels, width, 3, dilation=int(r)) for r in rates])
         self.pool = nn.Conv2d(channels, width, 1)
         self.project = Conv2dNormActivation(width * (len(self.branches) + 1), channels, 1)
 
@@ -155,7 +159,8 @@ class AttentionalLocalization(nn.Module):
         self.f = nn.Conv2d(channels, 1, 1)                         # f^l of eq. (1)
         self.alpha = nn.Parameter(torch.zeros(len(tau)))          # eq. (5): w_i = softplus(alpha_i)
         self.register_buffer("tau", torch.tensor(tau), persistent=False)
-        self.beta_random, self.beta_mean, self.beta_std, self.beta_fixed = beta_random, beta_mean, beta_std, beta_fixed
+        self.beta_random, self.beta_mean, self.beta_std = beta_random, beta_mean, beta_std
+        self.beta_fixed = beta_fixed
         self.mask_grad, self.ste_temperature = mask_grad, ste_temperature
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +184,7 @@ class AttentionalLocalization(nn.Module):
         if self.mask_grad == "none":
             return hard
         soft = beta_t + (1.0 - beta_t) * torch.sigmoid((a - tau) / self.ste_temperature)
-        return hard + (soft - soft.detach())                      # value = eq. (3); gradient of the relaxation
+        return hard + (soft - soft.detach())                      # value: eq. (3); gradient: the relaxation
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.attention(x)
@@ -198,13 +203,13 @@ class CiDeRHead(nn.Module):
     sk_groups=32, context_residual=True, use_localization=True (False: the "SC + BE" ablation of Table 7),
     ge_extent=8 (gather-excite GE-theta extent)."""
 
-    def __init__(self, backbone: Backbone, enhancement: str = "eca", context: str = "aspp", num_masks: int = 2,
-                 thresholds: Sequence[float] | None = None, beta_random: bool = True, beta_mean: float = 0.1,
-                 beta_std: float = 0.9, beta_fixed: float = 0.0, mask_grad: str = "ste", ste_temperature: float = 0.1,
-                 p: float = 3.0, learn_p: bool = True, dim: int | None = None, eca_kernel: int | None = None,
-                 se_reduction: int = 16, context_width: int | None = None, aspp_rates: Sequence[int] = (3, 6, 9),
-                 sk_groups: int = 32, context_residual: bool = True, use_localization: bool = True,
-                 ge_extent: int = 8):
+    def __init__(self, backbone: Backbone, enhancement: str = "eca", context: str = "aspp",
+                 num_masks: int = 2, thresholds: Sequence[float] | None = None, beta_random: bool = True,
+                 beta_mean: float = 0.1, beta_std: float = 0.9, beta_fixed: float = 0.0,
+                 mask_grad: str = "ste", ste_temperature: float = 0.1, p: float = 3.0, learn_p: bool = True,
+                 dim: int | None = None, eca_kernel: int | None = None, se_reduction: int = 16,
+                 context_width: int | None = None, aspp_rates: Sequence[int] = (3, 6, 9), sk_groups: int = 32,
+                 context_residual: bool = True, use_localization: bool = True, ge_extent: int = 8):
         super().__init__()
         c = backbone.channels["res5"]
         if thresholds is None:

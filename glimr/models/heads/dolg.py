@@ -43,7 +43,8 @@ class MultiAtrous(nn.Module):
 
     def __init__(self, channels: int, width: int, out_channels: int, dilations: Sequence[int] = (6, 12, 18)):
         super().__init__()
-        self.atrous = nn.ModuleList(Conv2dNormActivation(channels, width, 3, dilation=int(d)) for d in dilations)
+        self.atrous = nn.ModuleList(Conv2dNormActivation(channels, width, 3, dilation=int(d))
+                                    for d in dilations)
         self.pool = nn.Conv2d(channels, width, 1)
         self.n_conv = width * len(self.atrous)
         self.fuse = nn.Conv2d(self.n_conv + width, out_channels, 1)
@@ -53,8 +54,8 @@ class MultiAtrous(nn.Module):
         p = F.relu(F.linear(x.mean(dim=(2, 3)), self.pool.weight.flatten(1), self.pool.bias))   # (B, width)
         w = self.fuse.weight.flatten(1)
         # conv1x1(concat[ys, broadcast(p)]) = conv1x1_ys(ys) + broadcast(W_p p + b)
-        out = F.conv2d(ys, self.fuse.weight[:, : self.n_conv]) + F.linear(p, w[:, self.n_conv:], self.fuse.bias)[
-            ..., None, None]
+        out = F.conv2d(ys, self.fuse.weight[:, : self.n_conv])
+        out = out + F.linear(p, w[:, self.n_conv:], self.fuse.bias)[..., None, None]
         return F.relu(out)
 
 
@@ -75,16 +76,17 @@ class LocalAttention(nn.Module):
 
 
 def orthogonal_component(fl: torch.Tensor, fg: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """DOLG orthogonal fusion: f_orth = f_l - (f_l . f_g) f_g / |f_g|^2, f_l (B, C, ...) or (B, C), f_g (B, C)."""
+    """DOLG orthogonal fusion: f_orth = f_l - (f_l . f_g) f_g / |f_g|^2, f_l (B, C, ...) or (B, C)."""
     shape = (fg.shape[0], fg.shape[1]) + (1,) * (fl.dim() - 2)
     g = fg.view(shape)
-    proj = (fl * g).sum(dim=1, keepdim=True) / (fg * fg).sum(dim=1).clamp_min(eps).view((-1,) + (1,) * (fl.dim() - 1))
+    norm2 = (fg * fg).sum(dim=1).clamp_min(eps).view((-1,) + (1,) * (fl.dim() - 1))
+    proj = (fl * g).sum(dim=1, keepdim=True) / norm2
     return fl - proj * g
 
 
 class DOLGHead(nn.Module):
-    """DOLG. kwargs (defaults): dim=512, local_dim=None (C4), atrous_dim=None (C4 // 2), dilations=(6, 12, 18),
-    p=3.0, learn_p=True."""
+    """DOLG. kwargs (defaults): dim=512, local_dim=None (C4), atrous_dim=None (C4 // 2),
+    dilations=(6, 12, 18), p=3.0, learn_p=True."""
 
     def __init__(self, backbone: Backbone, dim: int = 512, local_dim: int | None = None,
                  atrous_dim: int | None = None, dilations: Sequence[int] = (6, 12, 18), p: float = 3.0,

@@ -19,12 +19,14 @@ Paper gaps, and what this file does (each is a constructor argument):
   applied once to the vector and broadcast (same result as convolving the constant map).
 - K and V are 1x1 convolutions, so A and V_l are computed without materialising X_K and X_V:
   X_Q X_K^T = (X_Q W_K) X4'^T (K has no bias: it would add the same constant to every logit), and, since A
-  sums to 1, A X_V = W_V (A X4') + b_V. Identical to eqs. (2)-(3) (the test checks it against the direct form).
+  sums to 1, A X_V = W_V (A X4') + b_V. Identical to eqs. (2)-(3) (the test checks it against the direct
+  form).
 
 Attention map returned: "A" (B, h4, w4). `local` = X4' (the RFB-refined res4 map, stride 16).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -43,11 +45,19 @@ def hi(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def no_autocast(x: torch.Tensor):
+    """A region where autocast is off on x's device (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ReceptiveFieldBlock(nn.Module):
     """RFB with a GeM branch (DPLG Sec. 3.2): X4 (B, D4, h, w) -> X4' (B, D4, h, w)."""
 
-    def __init__(self, channels: int, width: int, branches: Sequence[Sequence[int]] = ((1, 1), (3, 3), (5, 5)),
-                 p: float = 3.0, learn_p: bool = True):
+    def __init__(self, channels: int, width: int,
+                 branches: Sequence[Sequence[int]] = ((1, 1), (3, 3), (5, 5)), p: float = 3.0,
+                 learn_p: bool = True):
         super().__init__()
         self.branches = nn.ModuleList(
             nn.Sequential(Conv2dNormActivation(channels, width, int(k)),
@@ -64,7 +74,8 @@ class ReceptiveFieldBlock(nn.Module):
         g = self.gem(x)                                             # (B, D4): the GeM branch
         w = self.fuse.weight.flatten(1)                             # (D4, n_conv + D4)
         # conv1x1(concat[ys, broadcast(g)]) = conv1x1_ys(ys) + broadcast(W_g g)
-        out = F.conv2d(ys, self.fuse.weight[:, : self.n_conv]) + F.linear(g, w[:, self.n_conv:])[..., None, None]
+        out = F.conv2d(ys, self.fuse.weight[:, : self.n_conv])
+        out = out + F.linear(g, w[:, self.n_conv:])[..., None, None]
         return F.relu(self.bn(out))
 
 
@@ -73,7 +84,7 @@ class DotProductFusion(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.q = nn.Conv2d(channels, channels, 1)                   # on V_g' reshaped to D4 x 1 x 1 (footnote 2)
+        self.q = nn.Conv2d(channels, channels, 1)                   # on V_g' as a D4 x 1 x 1 map (footnote 2)
         self.k = nn.Conv2d(channels, channels, 1, bias=False)
         self.v = nn.Conv2d(channels, channels, 1)
 
@@ -82,7 +93,7 @@ class DotProductFusion(nn.Module):
         xf = x.flatten(2)                                            # (B, D4, L)
         xq = F.linear(vg, self.q.weight.flatten(1), self.q.bias)     # X_Q (B, D4)
         qk = F.linear(xq, self.k.weight.flatten(1).t())              # X_Q W_K (B, D4)
-        with torch.autocast(x.device.type, enabled=False):          # attention in fp32, also under autocast
+        with no_autocast(x):                                         # attention in fp32, also under autocast
             logits = torch.einsum("bc,bcl->bl", hi(qk), hi(xf))   # X_Q X_K^T
             a = torch.softmax(logits / math.sqrt(d4), dim=-1)        # DPLG eq. (2)
             ax = torch.einsum("bl,bcl->bc", a, hi(xf))           # A X4'
@@ -91,8 +102,8 @@ class DotProductFusion(nn.Module):
 
 
 class DPLGHead(nn.Module):
-    """DPLG. kwargs (defaults): dim=512, rfb_width=None (max(32, D4 // 16)), rfb_branches=((1, 1), (3, 3), (5, 5)),
-    p=3.0, learn_p=True."""
+    """DPLG. kwargs (defaults): dim=512, rfb_width=None (max(32, D4 // 16)),
+    rfb_branches=((1, 1), (3, 3), (5, 5)), p=3.0, learn_p=True."""
 
     def __init__(self, backbone: Backbone, dim: int = 512, rfb_width: int | None = None,
                  rfb_branches: Sequence[Sequence[int]] = ((1, 1), (3, 3), (5, 5)), p: float = 3.0,

@@ -25,8 +25,10 @@ Paper typos and gaps, and what this file does (each is a constructor argument):
 - Dropout rate and the FC/BN/dropout order are not given: dropout (`dropout=0.1`) -> FC (no bias: the batch
   norm right after it would cancel one) -> BatchNorm1d, as in Yokoo et al.'s ResNet-GeM-ArcFace baseline that
   GLAM says it is compatible with.
-- `use_local` / `use_global` give the paper's ablations (baseline, +local, +global); eq. (7) then fuses only the
-  terms present.
+- `use_local` / `use_global` give the paper's ablations (baseline, +local, +global); eq. (7) then fuses
+  only the terms present.
+- Not a deviation, a way of computing: `taylor_terms=16` evaluates V_c A_c^g in O(hw c) instead of
+  O(hw c^2) by a series exact at float precision (see GlobalChannelAttention); None: the plain product.
 
 Attention maps returned: "local_spatial" = A_s^l (B, h, w); "global_spatial" = the attention each location
 receives from all queries, mean_j A_s^g[i, j] (B, h, w) (a (hw x hw) matrix has no single heat map; this one
@@ -34,11 +36,11 @@ sums to 1 over the image). `local` = F^gl.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from glimr.models.backbones import Backbone
 from glimr.models.output import RetrievalOutput
@@ -48,6 +50,13 @@ from glimr.models.pooling import GeM, l2n
 def hi(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def no_autocast(x: torch.Tensor):
+    """A region where autocast is off on x's device (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LocalChannelAttention(nn.Module):
@@ -116,7 +125,7 @@ class GlobalChannelAttention(nn.Module):
         if self.taylor_terms is None:
             g = torch.bmm(v, att.to(v.dtype))                # V_c A_c^g: (B, hw, c)
         else:
-            # V_c A_c^g = (sum_n (V_c K^n / n!) Q^n) / Z_j with Z_j = sum_i exp(K_i Q_j), in (0, 1): no max shift
+            # V_c A_c^g = (sum_n (V_c K^n / n!) Q^n) / Z_j, Z_j = sum_i exp(K_i Q_j)  (K Q in (0, 1))
             n = torch.arange(self.taylor_terms + 1, device=x.device, dtype=k.dtype)
             kn = k.transpose(1, 2).pow(n) / torch.exp(torch.lgamma(n + 1))        # (B, c, N+1): K_i^n / n!
             qn = q.pow(n.view(-1, 1))                                              # (B, N+1, c): Q_j^n
@@ -143,7 +152,7 @@ class GlobalSpatialAttention(nn.Module):
         k = self.key(x).flatten(2)
         v = self.value(x).flatten(2)
         # GLAM eq. (4): A_s^g = softmax(K_s^T Q_s); A[i, j] = K_i . Q_j, normalised over locations i
-        with torch.autocast(x.device.type, enabled=False):  # logits and softmax in fp32, also under autocast
+        with no_autocast(x):                                 # logits and softmax in fp32, also under autocast
             att = torch.softmax(torch.bmm(hi(k.transpose(1, 2)), hi(q)), dim=1)   # (B, hw, hw)
         y = torch.bmm(v, att.to(v.dtype)).view(b, -1, h, w)                  # V_s A_s^g: (B, c', h, w)
         return self.out(y), att
@@ -155,8 +164,9 @@ class GLAMHead(nn.Module):
     use_global=True, taylor_terms=16 (the fast exact form of V_c A_c^g; None: plain matrix product).
     See the module docstring for the paper gaps each one settles."""
 
-    def __init__(self, backbone: Backbone, dim: int = 512, reduction: int = 8, dilations: Sequence[int] = (1, 2, 3),
-                 eca_kernel: int = 3, spatial_activation: str = "none", dropout: float = 0.1, p: float = 3.0,
+    def __init__(self, backbone: Backbone, dim: int = 512, reduction: int = 8,
+                 dilations: Sequence[int] = (1, 2, 3), eca_kernel: int = 3, spatial_activation: str = "none",
+                 dropout: float = 0.1, p: float = 3.0,
                  learn_p: bool = True, use_local: bool = True, use_global: bool = True,
                  taylor_terms: int | None = 16):
         super().__init__()

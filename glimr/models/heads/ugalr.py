@@ -29,6 +29,7 @@ Attention maps returned: "G" = mean over channels of G (B, h, w) and "O" (B, h, 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,13 @@ from glimr.models.pooling import GeM, l2n
 def hi(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def no_autocast(x: torch.Tensor):
+    """A region where autocast is off on x's device (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LALM(nn.Module):
@@ -65,7 +73,7 @@ class LALM(nn.Module):
         ph = self.phi(r).flatten(2).transpose(1, 2)
         gv = self.g(r).flatten(2).transpose(1, 2)
         # UGALR eq. (2): X' = softmax(theta_v phi_v^T), softmax in fp32
-        with torch.autocast(r.device.type, enabled=False):  # logits and softmax in fp32, also under autocast
+        with no_autocast(r):                                 # logits and softmax in fp32, also under autocast
             att = torch.softmax(torch.bmm(hi(th), hi(ph.transpose(1, 2))), dim=-1)
         # UGALR eq. (3): Y = view(X' g_v)
         y = torch.bmm(att.to(gv.dtype), gv).transpose(1, 2).reshape(b, -1, h, w)
@@ -81,8 +89,9 @@ class UGALRHead(nn.Module):
     """UGALR. kwargs (defaults): dim=512, inter_dim=512, reduce_dim=None (C4 // 2), nl_dim=None
     (reduce_dim // 2), p=3.0, learn_p=True. Expands the backbone's res5 input by one channel (once)."""
 
-    def __init__(self, backbone: Backbone, dim: int = 512, inter_dim: int = 512, reduce_dim: int | None = None,
-                 nl_dim: int | None = None, p: float = 3.0, learn_p: bool = True):
+    def __init__(self, backbone: Backbone, dim: int = 512, inter_dim: int = 512,
+                 reduce_dim: int | None = None, nl_dim: int | None = None, p: float = 3.0,
+                 learn_p: bool = True):
         super().__init__()
         c4, c5 = backbone.channels["res4"], backbone.channels["res5"]
         if backbone.channels.get("res5_in", c4) == c4:
