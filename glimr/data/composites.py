@@ -12,7 +12,7 @@ This mimics what instance retrieval must do on cluttered database images (the ob
 is another real scene) while the clean views play the part of the clean queries.
 
     ds = InstanceComposites("../shared/data/photos", long_side=384)
-    ds[(17, 384, 288)]    # {"image": uint8 (3, 288, 384), "label": 17, "index": 17}
+    ds[(17, 384, 288)]    # {"image": uint8 (3, 288, 384), "label": 17, "index": 17, "box": (4,) in [0, 1]}
     ds.set_epoch(3)       # new random views; a view is a pure function of (seed, epoch, index)
 
 Item `index` is class `index % num_classes` (`views_per_class` items per class per epoch). Keys may be
@@ -21,11 +21,13 @@ an int (the view takes the group size of its photo's aspect ratio) or (index, w,
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -79,8 +81,9 @@ class InstanceComposites(Dataset):
     """
 
     def __init__(self, photos: str | Path | Sequence[str | Path], long_side: int = 384,
-                 paste_scale: tuple[float, float] = (0.25, 0.75), p_clean: float = 0.25,
-                 crop_area: tuple[float, float] = (0.35, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 paste_scale: tuple[float, float] = (0.25, 0.7), p_clean: float = 0.25,
+                 crop_area: tuple[float, float] = (0.35, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  bg_area: tuple[float, float] = (0.5, 1.0), illumination: float = 0.3, hflip: float = 0.5,
                  views_per_class: int = 1, clean_first: int = 0, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -89,9 +92,9 @@ class InstanceComposites(Dataset):
             if not root.is_dir():
                 raise FileNotFoundError(f"photo folder '{root}' not found: give a folder of photos "
                                         "(each photo becomes one instance class)")
-            self.paths = [str(p) for p in list_images(root)]
+            self.paths = [os.path.abspath(p) for p in list_images(root)]
         else:
-            self.paths = [str(p) for p in photos]
+            self.paths = [os.path.abspath(p) for p in photos]
         if len(self.paths) < 2:
             raise ValueError(f"instance composites need at least 2 photos (got {len(self.paths)}): every "
                              "composite pastes one photo into another")
@@ -100,7 +103,8 @@ class InstanceComposites(Dataset):
             raise ValueError(f"paste_scale must satisfy 0 < min <= max <= 1, not {paste_scale}")
         if not (0 <= p_clean <= 1):
             raise ValueError(f"p_clean must be in [0, 1], not {p_clean}")
-        self.long_side, self.paste_scale, self.p_clean = int(long_side), (float(lo), float(hi)), float(p_clean)
+        self.long_side, self.p_clean = int(long_side), float(p_clean)
+        self.paste_scale = (float(lo), float(hi))
         self.crop_area, self.crop_ratio, self.bg_area = tuple(crop_area), tuple(crop_ratio), tuple(bg_area)
         self.illumination, self.hflip = float(illumination), float(hflip)
         self.views_per_class, self.seed, self.max_pixels = int(views_per_class), int(seed), max_pixels
@@ -132,7 +136,10 @@ class InstanceComposites(Dataset):
         else:
             index, size = int(key), None
         img, info = self.render(index, size)
-        return {"image": T.to_uint8_tensor(img), "label": info.label, "index": index}
+        w, h = img.size
+        x0, y0, x1, y1 = info.box
+        return {"image": T.to_uint8_tensor(img), "label": info.label, "index": index,
+                "box": torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)}
 
     # rendering -----------------------------------------------------------------------------------------
     def _load(self, k: int, target: int) -> Image.Image:

@@ -35,18 +35,23 @@ def group_size(aspect: float, long_side: int, divisor: int = 32) -> tuple[int, i
 
 
 def aspect_groups(aspects: Sequence[float], n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split items into `n_groups` groups of similar aspect ratio (quantiles of log aspect ratio, so groups
-    have similar sizes). Returns (group id per item, representative aspect ratio per group: the group's
-    median). Items with identical aspect ratios always share a group."""
+    """Split items into up to `n_groups` groups of similar aspect ratio and similar sizes: items sorted by
+    aspect ratio are cut near every k/n_groups of their count, at a change of value (items with identical
+    aspect ratios always share a group). Returns (group id per item, representative aspect ratio per group:
+    the group's median)."""
     a = np.log(np.asarray(aspects, dtype=np.float64))
     if a.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    n_groups = max(1, min(int(n_groups), len(np.unique(a))))
-    edges = np.quantile(a, np.linspace(0, 1, n_groups + 1)[1:-1]) if n_groups > 1 else np.zeros(0)
-    edges = np.unique(edges)
+    vals, counts = np.unique(a, return_counts=True)
+    cum = np.cumsum(counts)                              # items up to and including each distinct value
+    cuts = set()
+    for k in range(1, max(1, int(n_groups))):
+        j = int(np.argmin(np.abs(cum[:-1] - k * a.size / n_groups))) if len(vals) > 1 else None
+        if j is not None:
+            cuts.add(j)
+    edges = np.array(sorted((vals[j] + vals[j + 1]) / 2 for j in cuts))
     gid = np.searchsorted(edges, a, side="right")
-    reps = np.array([math.exp(float(np.median(a[gid == g]))) if np.any(gid == g) else 1.0
-                     for g in range(len(edges) + 1)])
+    reps = np.array([math.exp(float(np.median(a[gid == g]))) for g in range(len(edges) + 1)])
     return gid.astype(np.int64), reps
 
 

@@ -17,7 +17,8 @@ from PIL import Image, ImageEnhance
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
                             area: tuple[float, float] = (0.35, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> tuple[int, int, int, int]:
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            tries: int = 10) -> tuple[int, int, int, int]:
     """A crop box (x0, y0, x1, y1) covering a random fraction `area` of the image with a random aspect-ratio
     change in `ratio` (log-uniform), as torchvision's RandomResizedCrop; falls back to the whole image."""
     total = width * height
@@ -80,7 +81,8 @@ def resize_longest(img: Image.Image, longest: int) -> Image.Image:
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    arr = np.array(img.convert("RGB"), dtype=np.uint8, copy=True)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:

@@ -36,10 +36,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_model(model, path: str | Path, extra: dict | None = None) -> Path:
-    """Write weights + config atomically (temporary files, then rename)."""
+def save_model(model, path: str | Path, extra: dict | None = None, prefixes=None) -> Path:
+    """Write weights + config atomically (temporary files, then rename).
+
+    `prefixes` (e.g. ["head."]): save only the state-dict entries under these prefixes, a "partial"
+    checkpoint of the trained parts; loading rebuilds the rest from the packaged pretrained weights
+    (the config records `"partial": {"prefixes": [...], "base_weights": "pretrained"}`)."""
     st, js = _paths(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if prefixes is None or k.startswith(tuple(prefixes))}
     st.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=st.parent, prefix=f".{st.name}.", suffix=".tmp")
     os.close(fd)
@@ -50,7 +55,10 @@ def save_model(model, path: str | Path, extra: dict | None = None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     cfg = dict(model.config)
+    cfg.pop("partial", None)
     cfg.update(extra or {})
+    if prefixes is not None:
+        cfg["partial"] = {"prefixes": list(prefixes), "base_weights": "pretrained"}
     atomic_write_bytes(js, json.dumps(cfg, indent=2, sort_keys=True).encode())
     return st
 
@@ -68,12 +76,16 @@ def load_model(path: str | Path, map_location: str = "cpu"):
         name = cfg["name"]
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"'{js}' is not a glimr checkpoint config (needs a 'name' key): {e}") from e
-    model = build_model(name, weights="none", **cfg.get("head_kwargs", {}))
+    partial = cfg.get("partial")
+    base = partial.get("base_weights", "pretrained") if partial else "none"
+    model = build_model(name, weights=base, **cfg.get("head_kwargs", {}))
     try:
         state = load_file(str(st), device=map_location)
     except Exception as e:
         raise CheckpointError(f"cannot read '{st}': {e}; re-export the checkpoint") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if partial:  # only the saved prefixes must be complete
+        missing = [k for k in missing if k.startswith(tuple(partial["prefixes"]))]
     if missing or unexpected:
         raise CheckpointError(f"'{st}' does not fit model {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.config.update({k: v for k, v in cfg.items() if k not in ("name", "head_kwargs")})

@@ -16,6 +16,8 @@ Layout of a cache folder::
     group.npy, row.npy item -> (feature-size group, row in that group's arrays)
     g{k}_res4.npy      (n_k, C4, h4, w4) float16/float32 arrays, one per size group; g{k}_res5.npy likewise
     done.npy           bool per item: building is resumable (an interrupted build continues where it stopped)
+    boxes.npy          composites: (N, 4) float32 box of the pasted object, (x0, y0, x1, y1) in [0, 1] of
+                       the view (the whole view for a clean one); `composite_boxes` adds it to a cache
 
 Composites are random, so the cache pre-generates `views_per_class` fixed composite views per class
 (view v of class c = item v * num_classes + c of an `InstanceComposites` with that many views per class,
@@ -23,6 +25,7 @@ epoch 0); the trainer adds cheap feature-level augmentation (horizontal flips of
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -131,6 +134,8 @@ class FeatureCache:
         self.group = np.load(self.root / "group.npy")
         self.row = np.load(self.root / "row.npy")
         self.sizes = [tuple(g["size"]) for g in self.meta["groups"]]
+        bp = self.root / "boxes.npy"
+        self.boxes = np.load(bp) if bp.is_file() else None
         self.arrays: dict[str, list[np.ndarray]] = {}
         for key in self.meta["keys"]:
             self.arrays[key] = [np.load(self.root / f"g{k}_{key}.npy", mmap_mode="r")
@@ -174,8 +179,9 @@ def _build(root: Path, backbone, items: Dataset, ids: list[str], labels: np.ndar
            sizes: list[tuple[int, int]], keys: Sequence[str], meta: dict, *, batch_size: int, workers: int,
            precision: str, dtype: str, progress: bool, desc: str) -> FeatureCache:
     root.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps({k: v for k, v in meta.items() if k not in ("complete", "groups", "seconds")},
-                             sort_keys=True)
+    fingerprint = json.dumps({**{k: v for k, v in meta.items() if k not in ("complete", "groups", "seconds")},
+                              "item_sizes": [list(s) for s in sizes], "ids": list(ids)}, sort_keys=True)
+    fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()
     mp = root / "meta.json"
     uniq = sorted(set(sizes))
     group = np.array([uniq.index(s) for s in sizes], dtype=np.int64)
@@ -246,7 +252,8 @@ def _build(root: Path, backbone, items: Dataset, ids: list[str], labels: np.ndar
         for i, t in good:
             if (t.shape[2], t.shape[1]) != sizes[i]:
                 raise CacheError(f"item {ids[i]!r} decoded at {t.shape[2]}x{t.shape[1]}, expected "
-                                 f"{sizes[i][0]}x{sizes[i][1]} (EXIF orientation?); delete '{root}' and report it")
+                                 f"{sizes[i][0]}x{sizes[i][1]} (EXIF orientation?); delete '{root}' and "
+                                 "report it")
         for i, _, err in batch:
             if err is not None:
                 errors[ids[i]] = err
@@ -276,6 +283,26 @@ def _build(root: Path, backbone, items: Dataset, ids: list[str], labels: np.ndar
     return FeatureCache(root)
 
 
+def composite_boxes(root: str | Path, dataset: InstanceComposites, progress: bool = True) -> np.ndarray:
+    """The pasted-object boxes of a composite cache's views (rendered again: views are pure functions of
+    their seed), saved as ROOT/boxes.npy; returns them (read from the file when it exists)."""
+    root = Path(root)
+    bp = root / "boxes.npy"
+    if bp.is_file():
+        return np.load(bp)
+    cache = FeatureCache(root)
+    if len(cache) != len(dataset):
+        raise CacheError(f"'{root}' holds {len(cache)} views, the dataset {len(dataset)}: not its cache")
+    out = np.zeros((len(cache), 4), dtype=np.float32)
+    sizes = tqdm(cache.item_sizes(), desc="composite boxes", unit="view", disable=not progress)
+    for i, (w, h) in enumerate(sizes):
+        _, info = dataset.render(i, (w, h), epoch=0)
+        x0, y0, x1, y1 = info.box
+        out[i] = (x0 / w, y0 / h, x1 / w, y1 / h)
+    _save_npy(bp, out)
+    return out
+
+
 def _keys_for(stage: str, keep_res4: bool = True) -> list[str]:
     if stage not in STAGES:
         raise ValueError(f"cache stage must be one of {STAGES}, not {stage!r}")
@@ -299,22 +326,26 @@ def build_composite_cache(root: str | Path, backbone, dataset: InstanceComposite
             "stage": stage, "keys": keys, "dtype": dtype, "precision": precision, "n_groups": n_groups,
             "source": {"paths": dataset.paths, "long_side": dataset.long_side,
                        "paste_scale": list(dataset.paste_scale), "p_clean": dataset.p_clean,
-                       "clean_first": dataset.clean_first, "crop_area": list(dataset.crop_area), "crop_ratio": list(dataset.crop_ratio),
+                       "clean_first": dataset.clean_first, "crop_area": list(dataset.crop_area),
+                       "crop_ratio": list(dataset.crop_ratio),
                        "bg_area": list(dataset.bg_area), "illumination": dataset.illumination,
                        "hflip": dataset.hflip, "views_per_class": dataset.views_per_class,
                        "seed": dataset.seed}}
     was = torch.is_grad_enabled()
     backbone.eval()
     try:
-        return _build(Path(root), backbone, _CompositeItems(dataset, sizes), ids, labels, sizes, keys, meta,
-                      batch_size=batch_size, workers=workers, precision=precision, dtype=dtype,
-                      progress=progress, desc="cache composites")
+        _build(Path(root), backbone, _CompositeItems(dataset, sizes), ids, labels, sizes, keys, meta,
+               batch_size=batch_size, workers=workers, precision=precision, dtype=dtype,
+               progress=progress, desc="cache composites")
     finally:
         torch.set_grad_enabled(was)
+    composite_boxes(root, dataset, progress=progress)
+    return FeatureCache(root)
 
 
-def build_image_cache(root: str | Path, backbone, paths: Sequence[str | Path], *, names: Sequence[str] | None = None,
-                      labels: Sequence[int] | None = None, stage: str = "res5", keep_res4: bool = True,
+def build_image_cache(root: str | Path, backbone, paths: Sequence[str | Path], *,
+                      names: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+                      stage: str = "res5", keep_res4: bool = True,
                       max_size: int = 512, batch_size: int = 16, workers: int = 2, precision: str = "auto",
                       dtype: str = "float32", progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
                       ) -> FeatureCache:
@@ -347,8 +378,8 @@ def head_forward(net, maps: dict[str, torch.Tensor], stage: str):
 
 
 @torch.inference_mode()
-def cached_descriptors(net, cache: FeatureCache | str | Path, *, batch_size: int = 32, precision: str = "auto",
-                       progress: bool = True) -> np.ndarray:
+def cached_descriptors(net, cache: FeatureCache | str | Path, *, batch_size: int = 32,
+                       precision: str = "auto", progress: bool = True) -> np.ndarray:
     """(N, D) float32 L2-normalised descriptors of every cached item, in item order, from the net's head
     (and res5 for a res4 cache) on the cached maps. Equals the net's own descriptors of the same images
     (up to the cache's dtype) when the net's frozen part is the one that filled the cache."""
