@@ -89,13 +89,44 @@ def cmd_index_build(args) -> int:
     from glimr.index.build import build_index
 
     model = load_model_from_args(args)
+    ca = None
+    if args.coattention:
+        from glimr.extract.local import LocalConfig
+
+        ca = LocalConfig(n_select=args.ca_n, clusters=args.ca_clusters, dim=args.ca_dim, dtype=args.ca_dtype,
+                         codebook_size=args.ca_codebook, max_words=args.ca_max_words,
+                         proxy_dim=min(64, args.ca_dim), pca_whiten=args.ca_pca_whiten)
     rep = build_index(args.images_dir, args.index, model, model_name=args.model if not args.checkpoint
                       else model.name, checkpoint=args.checkpoint, scales=parse_scales(args.scales),
                       max_size=args.max_size, factory=args.factory, chunk_size=args.chunk_size,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                      max_pixels=_max_pixels(args))
+                      max_pixels=_max_pixels(args), coattention=ca, ca_samples=args.ca_samples,
+                      ca_sample_count=args.ca_sample_count)
+    _index_extras(args)
     print(rep)
     return 0
+
+
+def _index_extras(args) -> None:
+    """After a build: the co-attention inverted file and the diffusion graph (built once, at indexing)."""
+    from glimr.index.store import IndexStore
+
+    with IndexStore.open(args.index) as store:
+        if store.config.coattention:
+            from glimr.rerank.coattention import CoAttentionIndex
+
+            idx = CoAttentionIndex.from_store(store)   # builds and caches the inverted file
+            b = idx.bytes_per_image()
+            print(f"co-attention: {b['record']} bytes per image + {b['inverted_file']:.0f} (inverted file)")
+        from glimr.rerank.diffusion import DiffusionGraph, build_for_store, graph_state
+
+        gdir = store.dir / "diffusion"
+        current = DiffusionGraph.load(gdir, graph_state(store)) if (gdir / "graph.json").is_file() else None
+        if args.diffusion or ((gdir / "graph.json").is_file() and current is None):
+            old = DiffusionGraph.load(gdir) if (gdir / "graph.json").is_file() else None
+            k = args.diffusion_k or (old.k if old is not None else 50)
+            g = build_for_store(store, k=k)
+            print(f"diffusion graph: {g.n} images, {g.S.nnz} edges (mutual {k}-NN)")
 
 
 def cmd_index_info(args) -> int:
@@ -123,14 +154,32 @@ def cmd_search(args) -> int:
     with IndexStore.open(args.index) as store:
         model = open_index_model(store)
         box = parse_box(args.crop) if args.crop else None
-        res = extract(model, [args.image], scales=store.config.scales, max_size=store.config.max_size,
-                      boxes=[box], workers=0, progress=False, report_errors=False, precision=args.precision)
-        if res.errors:
-            print(res.errors[0], file=sys.stderr)
-            return 2
-        hits = store.search(res.descriptors, args.top)[0]
+        if args.rerank == "coattention":
+            from glimr.rerank.coattention import search_store
+
+            hits, _ = search_store(store, model, args.image, args.top, box=box, precision=args.precision,
+                                   qe=args.qe_n if args.qe_n else 0, alpha=args.qe_alpha,
+                                   temperature=args.temperature, ivf=not args.no_ivf, shortlist=args.shortlist,
+                                   fallback=args.fallback)
+        else:
+            res = extract(model, [args.image], scales=store.config.scales, max_size=store.config.max_size,
+                          boxes=[box], workers=0, progress=False, report_errors=False, precision=args.precision)
+            if res.errors:
+                print(res.errors[0], file=sys.stderr)
+                return 2
+            if args.rerank in ("qe", "aqe"):
+                from glimr.rerank.qe import search_store as qe_search
+
+                hits = qe_search(store, res.descriptors[0], args.top, n=args.qe_n or 2,
+                                 alpha=None if args.rerank == "aqe" else args.qe_alpha)
+            elif args.rerank == "diffusion":
+                from glimr.rerank.diffusion import search_store as df_search
+
+                hits = df_search(store, res.descriptors[0], args.top)
+            else:
+                hits = store.search(res.descriptors, args.top)[0]
     if args.json:
-        print(json.dumps({"query": str(args.image), "crop": box, "results": [
+        print(json.dumps({"query": str(args.image), "crop": box, "rerank": args.rerank, "results": [
             {"rank": r + 1, "path": p, "score": round(s, 6)} for r, (p, s) in enumerate(hits)]}, indent=2))
     else:
         for r, (p, s) in enumerate(hits, 1):
@@ -180,12 +229,33 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Embed every image under IMAGES_DIR into the index folder. Unchanged files "
                                     "are skipped, removed files dropped; an interrupted build resumes where it "
                                     "stopped.\n\nexample:\n  glimr index build photos/ --index my-index "
-                                    "--model gem-lite0 --scales 3")
+                                    "--model gem-lite0 --scales 3\n"
+                                    "  glimr index build photos/ --index ca-index --coattention --diffusion "
+                                    "--scales 0.3536,0.5,0.7071,1,1.4142")
     b.add_argument("images_dir")
     b.add_argument("--index", required=True, help="index folder (created if missing)")
     _add_model_args(b)
     b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF4096,PQ64 ...")
     b.add_argument("--chunk-size", type=int, default=256, help="images committed per transaction")
+    ca = b.add_argument_group("co-attention (Hu & Bors 2023) and diffusion; used by `glimr search --rerank`")
+    ca.add_argument("--coattention", action="store_true",
+                    help="also store per image the co-attention features (same forward pass, the index's --scales; "
+                         "the paper uses 0.3536,0.5,0.7071,1,1.4142). Only when the index is created")
+    ca.add_argument("--ca-n", type=int, default=500, help="N: local features selected by L2 norm")
+    ca.add_argument("--ca-clusters", type=int, default=10, help="K: clusters per image")
+    ca.add_argument("--ca-dim", type=int, default=256, help="D': PCA dimension (paper 512)")
+    ca.add_argument("--ca-dtype", default="int8", choices=["float32", "float16", "int8"],
+                    help="stored cluster features (paper float32: 20 KB/image at K=10, D'=512)")
+    ca.add_argument("--ca-codebook", type=int, default=4096, help="visual words of the inverted file (paper 65536)")
+    ca.add_argument("--ca-max-words", type=int, default=128, help="words kept per image; 0 = no inverted file")
+    ca.add_argument("--ca-pca-whiten", action="store_true",
+                    help="PCA-whiten the co-attention features (not in the paper; for models without a whitening "
+                         "layer, e.g. the ImageNet backbones)")
+    ca.add_argument("--ca-samples", default=None,
+                    help="folder of sample images to learn the PCA and codebook from (default: the indexed folder)")
+    ca.add_argument("--ca-sample-count", type=int, default=1000, help="sample images used at most")
+    ca.add_argument("--diffusion", action="store_true", help="build (or refresh) the database k-NN graph")
+    ca.add_argument("--diffusion-k", type=int, default=None, help="graph neighbours (default 50)")
     b.set_defaults(func=cmd_index_build)
     i = isub.add_parser("info", help="what an index holds", formatter_class=_Formatter,
                         description="example:\n  glimr index info my-index --errors")
@@ -194,13 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_index_info)
 
     p = sub.add_parser("search", help="search an index with an image", formatter_class=_Formatter,
-                       description="example:\n  glimr search my-index query.jpg --crop 40,30,400,380 --top 10 --json")
+                       description="example:\n  glimr search my-index query.jpg --crop 40,30,400,380 --top 10 --json\n"
+                                   "  glimr search my-index query.jpg --rerank coattention --qe-n 2   "
+                                   "(index built with --coattention)")
     p.add_argument("index", help="index folder made by `glimr index build`")
     p.add_argument("image", help="query image")
     p.add_argument("--crop", default=None, help="query box x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    r = p.add_argument_group("re-ranking")
+    r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion"],
+                   help="coattention: needs an index built with --coattention; diffusion: with --diffusion; "
+                        "qe = alpha-QE, aqe = average QE")
+    r.add_argument("--qe-n", type=int, default=0, help="query expansion neighbours (qe/aqe: default 2; "
+                                                       "with coattention: co-attention + alpha-QE when > 0)")
+    r.add_argument("--qe-alpha", type=float, default=3.0, help="alpha of alpha-QE")
+    r.add_argument("--temperature", type=float, default=10.0, help="co-attention softmax temperature T")
+    r.add_argument("--shortlist", type=int, default=None,
+                   help="co-attention: score at most this many candidates (those sharing the most visual words "
+                        "with the query; ties by the uniform-pooling proxy)")
+    r.add_argument("--no-ivf", action="store_true", help="co-attention: score every image, not only those "
+                                                         "sharing a visual word with the query")
+    r.add_argument("--fallback", default="zero", choices=["zero", "last", "proxy"],
+                   help="co-attention: score of the images the inverted file leaves out (the paper: zero)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="offline demo: index views of packaged photos and search them",

@@ -81,9 +81,55 @@ def rerank_none(q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray, **pa
     return ranks
 
 
+def rerank_alpha_qe(q_desc, db_desc, ranks, **params):
+    """alpha-QE (Radenovic et al.): ``alpha-qe:n=2,alpha=3``."""
+    from glimr.rerank.qe import rerank_alpha_qe as fn  # noqa: PLC0415
+
+    return fn(q_desc, db_desc, ranks, **params)
+
+
+def rerank_average_qe(q_desc, db_desc, ranks, **params):
+    """Average QE (Chum et al.): ``aqe:n=2``."""
+    from glimr.rerank.qe import rerank_average_qe as fn  # noqa: PLC0415
+
+    return fn(q_desc, db_desc, ranks, **params)
+
+
+def rerank_diffusion(q_desc, db_desc, ranks, **params):
+    """Diffusion (Iscen et al.): ``diffusion:k=50,kq=10,gamma=3,alpha=0.99,truncate=1000``."""
+    from glimr.rerank.diffusion import rerank_diffusion as fn  # noqa: PLC0415
+
+    return fn(q_desc, db_desc, ranks, **params)
+
+
+def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params):
+    """Co-attention (Hu & Bors 2023) from the images: ``coattention:dataset=FOLDER_OR_NAME[,root=..,scales=paper,
+    dim=512,dtype=float32,clusters=10,n=500,temperature=10,qe=0,alpha=3,words=0,samples=FOLDER,cache=FOLDER,
+    model=gem-lite0,checkpoint=..,max_size=512,pca_whiten=false]``. It needs the evaluation set's images, hence ``dataset``
+    (the same as ``glimr eval``'s DATASET); qe > 0 gives co-attention + alpha-QE."""
+    from glimr.rerank.coattention import rerank_images  # noqa: PLC0415
+
+    if dataset is None:
+        raise ValueError("the coattention re-ranker needs the evaluation set's images: pass "
+                         "--rerank coattention:dataset=DATASET (the same DATASET as glimr eval's, and root=ROOT "
+                         "if it needs one)")
+    ev = load_eval_set(dataset, root=root)
+    if len(ev.query_paths) != len(q_desc) or len(ev.db_paths) != len(db_desc):
+        raise ValueError(f"coattention:dataset={dataset} has {len(ev.query_paths)} queries and {len(ev.db_paths)} "
+                         f"database images, not {len(q_desc)} and {len(db_desc)}: give the evaluated dataset")
+    if "max_size" not in params:
+        params["max_size"] = ev.default_max_size
+    return rerank_images(q_desc, db_desc, ranks, query_paths=ev.query_paths, db_paths=ev.db_paths,
+                         query_boxes=ev.query_boxes, **params)
+
+
 #: name -> ``fn(q_desc, db_desc, ranks, **params) -> ranks`` (see the module doc).
 RERANKERS: dict[str, Reranker] = {
     "none": rerank_none,
+    "alpha-qe": rerank_alpha_qe,
+    "aqe": rerank_average_qe,
+    "diffusion": rerank_diffusion,
+    "coattention": rerank_coattention,
 }
 
 

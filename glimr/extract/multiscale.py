@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +140,13 @@ def _loader(ds: Dataset, workers: int, batch_size: int) -> DataLoader:
 def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *, scales: Sequence[float] = (1.0,),
             max_size: int = 512, boxes: Sequence[Box | None] | None = None, batch_size: int = 16,
             workers: int = 2, precision: str = "auto", progress: bool = True, desc: str = "extract",
-            max_pixels: int = DEFAULT_MAX_PIXELS, report_errors: bool = True, draft: bool = True) -> ExtractResult:
+            max_pixels: int = DEFAULT_MAX_PIXELS, report_errors: bool = True, draft: bool = True,
+            local_fn: Callable[[int, int, torch.Tensor, tuple[int, int]], None] | None = None) -> ExtractResult:
     """Global descriptors for image paths (or PIL images). Bad files are reported and skipped.
+
+    local_fn: optional, called once per (image, scale) with ``(item index, scale index, local map, (H, W))``:
+    the head's ``RetrievalOutput.local`` of that view, a float32 CPU tensor (C, h, w), from the same forward
+    pass as the descriptor, and the view's input size (co-attention features, glimr.extract.local).
 
     draft: let the JPEG decoder reduce by 2, 4 or 8 in the DCT (never below the size needed), which is several
     times faster on large photos; descriptors differ from full decoding by about 1% (cosine > 0.99).
@@ -155,7 +160,7 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     if n == 0:
         return ExtractResult(acc, errors)
     ds = ImageViews(items, scales, max_size, boxes, max_pixels, draft)
-    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor, int]]] = {}
     buffered = 0
     max_buffer = 4 * batch_size
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
@@ -164,12 +169,20 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
         nonlocal buffered
         group = buckets.pop(key)
         buffered -= len(group)
-        idx = [i for i, _ in group]
-        x = torch.stack([t for _, t in group]).to(device, non_blocking=True).float().div_(255.0)
+        idx = [i for i, _, _ in group]
+        x = torch.stack([t for _, t, _ in group]).to(device, non_blocking=True).float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(precision, device):
-            d = model(x).descriptor
+            out = model(x)
+            d = out.descriptor
         np.add.at(acc, idx, d.float().cpu().numpy())
+        if local_fn is not None:
+            if out.local is None:
+                raise ValueError(f"model {getattr(model, 'name', type(model).__name__)} returns no local "
+                                 "feature map: co-attention needs RetrievalOutput.local")
+            loc = out.local.float().cpu()
+            for j, (i, _, si) in enumerate(group):
+                local_fn(i, si, loc[j], (int(x.shape[2]), int(x.shape[3])))
 
     for i, views, err in _loader(ds, workers, batch_size):
         if err is not None:
@@ -177,9 +190,9 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
             if report_errors:
                 tqdm.write(f"skipped: {err}", file=sys.stderr)
         else:
-            for v in views:
+            for si, v in enumerate(views):
                 key = (v.shape[1], v.shape[2])
-                buckets.setdefault(key, []).append((i, v))
+                buckets.setdefault(key, []).append((i, v, si))
                 buffered += 1
                 if len(buckets[key]) >= batch_size:
                     run(key)

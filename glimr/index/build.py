@@ -6,8 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from glimr.extract.local import CoAttentionParams, LocalConfig, extract_local, fit_params, sample_items
 from glimr.extract.multiscale import extract
 from glimr.index.store import IndexConfig, IndexStore, Row
 from glimr.io.images import DEFAULT_MAX_PIXELS, content_hash, list_images
@@ -29,13 +31,28 @@ class BuildReport:
 def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_name: str,
                 checkpoint: str | None = None, scales=(1.0,), max_size: int = 512, factory: str = "Flat",
                 chunk_size: int = 256, batch_size: int = 16, workers: int = 2, precision: str = "auto",
-                max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> BuildReport:
+                max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
+                coattention: LocalConfig | None = None, ca_samples=None, ca_sample_count: int = 1000,
+                ca_sample_scales=(1.0,)) -> BuildReport:
+    """Index (or update) ``images_dir``. With ``coattention`` (a LocalConfig) every image also gets its
+    co-attention record from the same forward pass (glimr.extract.local); the PCA/codebook parameters are
+    learned once, when the index is created, from ``ca_samples`` (image paths or a folder; default: up to
+    ``ca_sample_count`` images of ``images_dir``) at ``ca_sample_scales``, and kept in INDEX/coattention/."""
     root = Path(images_dir)
     files = list_images(root)
+    ca_json = None
+    if coattention is not None:
+        ca_json = {"config": coattention.to_json(), "record_bytes": coattention.codec().nbytes}
     cfg = IndexConfig(model=model_name, dim=int(model.dim), scales=tuple(scales), max_size=int(max_size),
-                      checkpoint=str(checkpoint) if checkpoint else None, factory=factory, root=str(root.resolve()))
+                      checkpoint=str(checkpoint) if checkpoint else None, factory=factory, root=str(root.resolve()),
+                      coattention=ca_json)
     rep = BuildReport()
     with IndexStore.create_or_open(index_dir, cfg) as store:
+        ca = None
+        if store.config.coattention:
+            ca = _coattention_params(store, model, files, ca_samples, ca_sample_count, ca_sample_scales,
+                                     max_size=max_size, batch_size=batch_size, workers=workers,
+                                     precision=precision, max_pixels=max_pixels, progress=progress)
         known = store.rows()
         present = set()
         todo: list[tuple[Path, str, os.stat_result, str | None]] = []
@@ -62,8 +79,15 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_n
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            res = extract(model, [c[0] for c in chunk], scales=scales, max_size=max_size, batch_size=batch_size,
-                          workers=workers, precision=precision, max_pixels=max_pixels, progress=False)
+            kw = dict(scales=scales, max_size=max_size, batch_size=batch_size, workers=workers, precision=precision,
+                      max_pixels=max_pixels, progress=False)
+            records = None
+            if ca is None:
+                res = extract(model, [c[0] for c in chunk], **kw)
+            else:
+                res, locs = extract_local(model, [c[0] for c in chunk], cfg=ca.cfg, **kw)
+                records = np.stack([ca.encode(locs[j]) for j in range(len(chunk)) if j not in res.errors]) \
+                    if len(locs) else np.zeros(0, dtype=ca.codec.record)
             rows = []
             for j, (p, rel, st, h) in enumerate(chunk):
                 err = res.errors.get(j)
@@ -72,7 +96,7 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_n
                     rep.errors += 1
                 rows.append(Row(rel, h or _hash_or_none(p), st.st_size, st.st_mtime,
                                 "error" if err else "ok", err, None))
-            store.commit_chunk(rows, res.descriptors[res.ok])
+            store.commit_chunk(rows, res.descriptors[res.ok], records)
             rep.added += len(chunk) - len(res.errors)
             bar.update(len(chunk))
         bar.close()
@@ -80,6 +104,33 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_n
             store.rebuild_faiss()
         rep.total = store.stats()["images"]
     return rep
+
+
+def _coattention_params(store: IndexStore, model, files, samples, count: int, sample_scales, **kw
+                        ) -> CoAttentionParams:
+    """The index's co-attention parameters: loaded, or learned now from sample images and saved."""
+    d = store.dir / "coattention"
+    cfg = LocalConfig.from_json(store.config.coattention["config"])
+    if (d / "params.json").is_file():
+        params = CoAttentionParams.load(d)
+        if params.cfg != cfg:
+            raise ValueError(f"'{d}' holds parameters for {params.cfg}, not {cfg}; rebuild the index")
+        return params
+    if samples is None:
+        items = sample_items(files, count)
+    elif isinstance(samples, (str, Path)):
+        items = sample_items(list_images(Path(samples)), count)
+    else:
+        items = sample_items(list(samples), count)
+    if not items:
+        raise ValueError("co-attention needs sample images to learn its PCA and codebook: none found")
+    progress = kw.pop("progress", True)
+    res, locs = extract_local(model, items, cfg=cfg, scales=tuple(sample_scales), progress=progress,
+                              desc="co-attention samples", **kw)
+    params = fit_params([locs[i] for i in sorted(locs)], cfg,
+                        meta={"sample_scales": list(sample_scales), "max_size": kw.get("max_size")})
+    params.save(d)
+    return params
 
 
 def _hash_or_none(p: Path) -> str | None:

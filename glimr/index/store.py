@@ -6,10 +6,13 @@
     DIR/vectors.f32    float32 descriptors, one row per vid, append-only
     DIR/faiss.index    FAISS index over the live rows (ids = vid), rebuilt atomically after each build
     DIR/faiss.json     how many committed vectors the FAISS file reflects (stale -> rebuilt from vectors.f32)
+    DIR/coattention.rec  (only with --coattention) fixed-size co-attention records, one per vid, append-only
+                       (glimr.extract.local.RecordCodec); DIR/coattention/ holds their parameters (.npy + .json)
 
 Durability: a chunk's vectors are appended and fsynced, then its rows and the new n_vectors are committed in
 one SQLite transaction. A build killed at any point leaves at most some uncommitted tail rows in
-vectors.f32, which the next open truncates: nothing committed is lost and nothing is added twice.
+vectors.f32, which the next open truncates: nothing committed is lost and nothing is added twice. The
+co-attention records follow the same rule: appended and fsynced with the vectors, counted by the same n_vectors.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class IndexConfig:
     factory: str = "Flat"
     root: str | None = None  # image folder the relative paths refer to
     version: int = FORMAT_VERSION
+    coattention: dict | None = None  # {"config": LocalConfig json, "record_bytes": n} with --coattention
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
@@ -97,6 +101,9 @@ class IndexStore:
         self.db.executescript(SCHEMA)
         self._vec_path = self.dir / "vectors.f32"
         self._vec_path.touch()
+        self._rec_path = self.dir / "coattention.rec" if config.coattention else None
+        if self._rec_path is not None:
+            self._rec_path.touch()
         if lock:
             self._repair_tail()
         self._faiss = None
@@ -113,6 +120,11 @@ class IndexStore:
                 raise IndexStoreError(
                     f"index '{d}' was built with {old.to_json()}, not {config.to_json()}: descriptors of "
                     "different models cannot be mixed; use a new --index folder")
+            if config.coattention and old.coattention != config.coattention:
+                raise IndexStoreError(
+                    f"index '{d}' was built " + ("without co-attention features" if not old.coattention else
+                                                 f"with other co-attention settings ({old.coattention})")
+                    + ": they cannot be added to its images now; use a new --index folder")
             config = IndexConfig.from_json({**old.to_json(), "factory": config.factory,
                                             "root": config.root or old.root})
         elif d.exists() and any(p.name not in (".lock",) for p in d.iterdir()):
@@ -169,6 +181,34 @@ class IndexStore:
         elif size < committed:
             raise IndexStoreError(f"'{self._vec_path}' holds {size // self._row_bytes()} vectors but the index "
                               f"committed {self.n_vectors}: the folder was damaged; rebuild it")
+        if self._rec_path is not None:
+            committed = self.n_vectors * self._rec_bytes()
+            size = self._rec_path.stat().st_size
+            if size > committed:
+                os.truncate(self._rec_path, committed)
+            elif size < committed:
+                raise IndexStoreError(f"'{self._rec_path}' holds {size // self._rec_bytes()} co-attention records "
+                                      f"but the index committed {self.n_vectors}: the folder was damaged; rebuild it")
+
+    def _rec_bytes(self) -> int:
+        return int(self.config.coattention["record_bytes"]) if self.config.coattention else 0
+
+    def coattention_records(self) -> np.ndarray:
+        """All committed co-attention records (memory-mapped, read-only, a structured array), row = vid."""
+        if self._rec_path is None:
+            raise IndexStoreError(f"index '{self.dir}' has no co-attention features: build it with "
+                                  "`glimr index build IMAGES --index NEW_FOLDER --coattention`")
+        from glimr.extract.local import LocalConfig  # noqa: PLC0415
+
+        cfg = LocalConfig.from_json(self.config.coattention["config"])
+        dtype = cfg.codec().record
+        if dtype.itemsize != self._rec_bytes():
+            raise IndexStoreError(f"'{self._rec_path}': records of {self._rec_bytes()} bytes in index.json but "
+                                  f"{dtype.itemsize} from its settings; rebuild the index")
+        n = self.n_vectors
+        if n == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self._rec_path, dtype=dtype, mode="r", shape=(n,))
 
     def vectors(self) -> np.ndarray:
         """All committed vectors (memory-mapped, read-only), row = vid."""
@@ -195,11 +235,18 @@ class IndexStore:
         q = f"SELECT vid, path FROM images WHERE vid IN ({','.join('?' * len(vids))})"
         return dict(self.db.execute(q, vids).fetchall())
 
-    def commit_chunk(self, rows: list[Row], vectors: np.ndarray) -> None:
-        """Add/replace rows; rows with status 'ok' take the next vids in order, one per vectors row."""
+    def commit_chunk(self, rows: list[Row], vectors: np.ndarray, records: np.ndarray | None = None) -> None:
+        """Add/replace rows; rows with status 'ok' take the next vids in order, one per vectors row (and one
+        co-attention record per row when the index has them)."""
         ok = [r for r in rows if r.status == "ok"]
         if len(ok) != len(vectors):
             raise ValueError(f"{len(ok)} ok rows for {len(vectors)} vectors")
+        if self._rec_path is not None:
+            if records is None or len(records) != len(vectors) or records.dtype.itemsize != self._rec_bytes():
+                raise ValueError(f"index '{self.dir}' needs one co-attention record of {self._rec_bytes()} bytes "
+                                 f"per vector")
+        elif records is not None:
+            raise ValueError(f"index '{self.dir}' has no co-attention features: records given")
         base = self.n_vectors
         if len(vectors):
             data = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -209,6 +256,11 @@ class IndexStore:
                 f.write(data.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
+            if self._rec_path is not None:
+                with open(self._rec_path, "ab") as f:
+                    f.write(np.ascontiguousarray(records).tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
         vid = base
         with self.db:  # one transaction
             self.db.execute("BEGIN IMMEDIATE")
