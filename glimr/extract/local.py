@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from glimr.models.checkpoint import atomic_write_bytes
 
 __all__ = [
     "PAPER_SCALES",
@@ -567,7 +568,7 @@ class CoAttentionParams:
             _atomic_npy(d / f"{name}.npy", np.ascontiguousarray(a, dtype=np.float32))
         doc = {"format": 1, "config": self.cfg.to_json(), "pca_whiten": self.pca.whiten,
                "arrays": sorted(arrays), "codec": self.codec.to_json(), "meta": self.meta}
-        _atomic_bytes(d / "params.json", json.dumps(doc, indent=2).encode())
+        atomic_write_bytes(d / "params.json", json.dumps(doc, indent=2).encode())
         return d
 
     @classmethod
@@ -587,25 +588,12 @@ class CoAttentionParams:
         return cls(cfg, pca, a.get("scale"), cb, doc.get("meta", {}))
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_npy(path: Path, a: np.ndarray) -> None:
     import io  # noqa: PLC0415
 
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def fit_params(samples: Sequence[ImageLocal], cfg: LocalConfig, *, meta: dict | None = None) -> CoAttentionParams:
@@ -680,7 +668,7 @@ def save_locals(directory: str | os.PathLike, locs: Sequence[ImageLocal | None])
         feats.flush()
         del feats
         os.replace(d / "feats.npy.tmp", d / "feats.npy")
-    _atomic_bytes(d / "locals.json", json.dumps({"n": n, "arrays": sorted(a) + (["feats"] if ok and ok[0].feats
+    atomic_write_bytes(d / "locals.json", json.dumps({"n": n, "arrays": sorted(a) + (["feats"] if ok and ok[0].feats
                                                                                   is not None else [])}).encode())
     return d
 

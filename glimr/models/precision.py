@@ -40,3 +40,15 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     if resolve_precision(precision, dev) == "bf16":
         return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def hi(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def no_autocast(x: torch.Tensor):
+    """A region where autocast is off on x's device (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

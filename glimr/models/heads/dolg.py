@@ -31,11 +31,8 @@ from torchvision.ops import Conv2dNormActivation
 from glimr.models.backbones import Backbone
 from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
+from glimr.models.precision import hi
 
-
-def hi(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class MultiAtrous(nn.Module):

@@ -26,7 +26,6 @@ Attention map returned: "A" (B, h4, w4). `local` = X4' (the RFB-refined res4 map
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -38,18 +37,9 @@ from torchvision.ops import Conv2dNormActivation
 from glimr.models.backbones import Backbone
 from glimr.models.output import RetrievalOutput
 from glimr.models.pooling import GeM, l2n
+from glimr.models.precision import hi, no_autocast
 
 
-def hi(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32 (bf16/fp16 activations under autocast go to fp32; fp64 stays fp64)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def no_autocast(x: torch.Tensor):
-    """A region where autocast is off on x's device (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class ReceptiveFieldBlock(nn.Module):
