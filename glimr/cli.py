@@ -147,6 +147,18 @@ def open_index_model(store):
     return build_model(cfg.model, checkpoint=cfg.checkpoint)
 
 
+def search_query_scales(args, store, model) -> tuple[float, ...]:
+    """The query's scales: --query-scales, else the model's recommended `query_scales` (its checkpoint
+    config), else the index's scales (those of the database)."""
+    from glimr.extract.multiscale import parse_scales
+
+    if getattr(args, "query_scales", None):
+        return parse_scales(args.query_scales)
+    if model.config.get("query_scales"):
+        return parse_scales(model.config["query_scales"])
+    return tuple(store.config.scales)
+
+
 def cmd_search(args) -> int:
     from glimr.extract.multiscale import extract, parse_box
     from glimr.index.store import IndexStore
@@ -157,12 +169,17 @@ def cmd_search(args) -> int:
         if args.rerank == "coattention":
             from glimr.rerank.coattention import search_store
 
+            if args.query_scales:
+                raise ValueError("--query-scales does not apply to --rerank coattention (it uses the index's "
+                                 "co-attention scales)")
+
             hits, _ = search_store(store, model, args.image, args.top, box=box, precision=args.precision,
                                    qe=args.qe_n if args.qe_n else 0, alpha=args.qe_alpha,
                                    temperature=args.temperature, ivf=not args.no_ivf, shortlist=args.shortlist,
                                    fallback=args.fallback)
         else:
-            res = extract(model, [args.image], scales=store.config.scales, max_size=store.config.max_size,
+            res = extract(model, [args.image], scales=search_query_scales(args, store, model),
+                          max_size=store.config.max_size,
                           boxes=[box], workers=0, progress=False, report_errors=False, precision=args.precision)
             if res.errors:
                 print(res.errors[0], file=sys.stderr)
@@ -266,13 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search an index with an image", formatter_class=_Formatter,
                        description="example:\n  glimr search my-index query.jpg --crop 40,30,400,380 --top 10 --json\n"
                                    "  glimr search my-index query.jpg --rerank coattention --qe-n 2   "
-                                   "(index built with --coattention)")
+                                   "(index built with --coattention)\n"
+                                   "  glimr search my-index query.jpg --query-scales 1,0.7071,0.5   "
+                                   "(query pyramid; the database keeps the index's scales)")
     p.add_argument("index", help="index folder made by `glimr index build`")
     p.add_argument("image", help="query image")
     p.add_argument("--crop", default=None, help="query box x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--query-scales", default=None,
+                   help="scales of the query (1, 3, 5 or a comma list like 1,0.7071,0.5); default: the model's "
+                        "recommended query scales (checkpoint config) if any, else the index's --scales. "
+                        "Not used by --rerank coattention (it has its own)")
     r = p.add_argument_group("re-ranking")
     r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion"],
                    help="coattention: needs an index built with --coattention; diffusion: with --diffusion; "
@@ -300,10 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from glimr.eval import cli as eval_cli
+    from glimr.models import whiten as whiten_cli
     from glimr.train import cli as train_cli
     from glimr.viz import cli as viz_cli
 
-    for family in (eval_cli, viz_cli, train_cli):  # eval + bench, explain, train
+    for family in (eval_cli, viz_cli, train_cli, whiten_cli):  # eval + bench, explain, train, whiten
         family.register(sub)
     return ap
 

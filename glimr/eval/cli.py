@@ -15,6 +15,7 @@ examples:
   glimr eval oxford5k --root data/datasets                                    (original protocol)
   glimr eval ukbench --root ../shared/data/ukbench
   glimr eval bench-data/clutter-dev-medium --checkpoint runs/glam/model.safetensors
+  glimr eval bench-data/clutter-dev-hard --checkpoint runs/cider-w.safetensors --query-scales 1,0.7071,0.5
 
 DATASET is roxford5k, rparis6k (Revisited Easy/Medium/Hard), oxford5k, paris6k (original protocol),
 ukbench (N-S score), or a folder holding gnd.json, query/ and db/ (Clutter-UKB layout).
@@ -49,7 +50,11 @@ def _add_eval(sub) -> argparse.ArgumentParser:
                    help="backbone weights when no checkpoint (default pretrained)")
     p.add_argument("--scales", nargs="+", default=["1"],
                    help='scale set: 1, 3 (0.7071 1 1.4142), 5 (0.5 .. 2) or the scales themselves, '
-                        'e.g. "1,0.7071,1.4142" or 1 0.7071 1.4142')
+                        'e.g. "1,0.7071,1.4142" or 1 0.7071 1.4142 (the database; and the queries unless '
+                        '--query-scales)')
+    p.add_argument("--query-scales", nargs="+", default=None,
+                   help="the queries' scale set, same syntax as --scales, e.g. 1,0.7071,0.5 (default: the "
+                        "checkpoint's recommended query_scales if it has some, else --scales)")
     p.add_argument("--max-size", type=int, default=None,
                    help="longest image side (default: 1024 for Revisited/Oxford as in the papers, "
                         "512 otherwise)")
@@ -95,6 +100,7 @@ def run_eval(args) -> int:
 
     report = evaluate(args.dataset, root=args.root, images=args.images, model=args.model,
                       checkpoint=args.checkpoint, weights=args.weights, scales=",".join(args.scales),
+                      query_scales=",".join(args.query_scales) if args.query_scales else None,
                       max_size=args.max_size, rerank=args.rerank, crop=args.crop,
                       distractors=args.distractors,
                       batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,

@@ -344,10 +344,19 @@ def _file_stamp(p) -> list:
         return [str(p)]
 
 
-def descriptor_cache_key(model_id: dict, evalset: EvalSet, scales: Sequence[float], max_size: int) -> str:
+def _same_scales(a: Sequence[float], b: Sequence[float]) -> bool:
+    return [round(float(s), 6) for s in a] == [round(float(s), 6) for s in b]
+
+
+def descriptor_cache_key(model_id: dict, evalset: EvalSet, scales: Sequence[float], max_size: int,
+                         query_scales: Sequence[float] | None = None) -> str:
+    """Cache key of an evaluation's descriptors. ``query_scales`` enter it when they differ from
+    ``scales`` (equal ones give the key of an extraction without query scales: same descriptors)."""
     h = hashlib.sha256()
     head = {"model": model_id, "scales": [round(float(s), 6) for s in scales], "max_size": int(max_size),
             "kind": evalset.kind}
+    if query_scales is not None and not _same_scales(query_scales, scales):
+        head["query_scales"] = [round(float(s), 6) for s in query_scales]
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     for p in evalset.query_paths:
         h.update(os.path.abspath(p).encode() + b"\0")
@@ -371,14 +380,19 @@ def model_identity(net, name: str | None, checkpoint) -> dict:
 def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_size: int,
                         batch_size: int = 16, workers: int = 2, progress: bool = True,
                         cache_dir: str | os.PathLike | None = None,
-                        model_id: dict | None = None) -> Descriptors:
-    """Global descriptors of the queries (cropped to their boxes) and the database, cached on disk when
-    ``cache_dir`` is given (keyed by model, checkpoint file, scales, max size, image lists and boxes)."""
+                        model_id: dict | None = None,
+                        query_scales: Sequence[float] | None = None) -> Descriptors:
+    """Global descriptors of the queries (cropped to their boxes) at ``query_scales`` (default: ``scales``)
+    and of the database at ``scales``, cached on disk when ``cache_dir`` is given (keyed by model,
+    checkpoint file, scales, query scales, max size, image lists and boxes). When the query and database
+    images are the same (UKBench) and the scale sets differ, they are extracted twice."""
     from glimr.extract.multiscale import extract  # noqa: PLC0415
 
+    query_scales = tuple(scales) if query_scales is None else tuple(query_scales)
     cache_file = None
     if cache_dir is not None:
-        key = descriptor_cache_key(model_id or model_identity(net, None, None), evalset, scales, max_size)
+        key = descriptor_cache_key(model_id or model_identity(net, None, None), evalset, scales, max_size,
+                                   query_scales)
         mname = str((model_id or {}).get("name") or getattr(net, "name", "model")).replace("/", "_")
         cache_file = Path(cache_dir) / f"{evalset.name}__{mname}__{key}.npz"
         if cache_file.is_file():
@@ -388,14 +402,14 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
                                    db_errors={int(k): v for k, v in errs["db"].items()},
                                    seconds=float(z["seconds"]), cached=True)
     t0 = time.perf_counter()
-    kw = dict(scales=tuple(scales), max_size=max_size, batch_size=batch_size, workers=workers,
-              progress=progress)
-    db_res = extract(net, [str(p) for p in evalset.db_paths], desc=f"{evalset.name} database", **kw)
-    if evalset.same_images:
+    kw = dict(max_size=max_size, batch_size=batch_size, workers=workers, progress=progress)
+    db_res = extract(net, [str(p) for p in evalset.db_paths], scales=tuple(scales),
+                     desc=f"{evalset.name} database", **kw)
+    if evalset.same_images and _same_scales(query_scales, scales):
         q_res = db_res
     else:
         q_res = extract(net, [str(p) for p in evalset.query_paths], boxes=evalset.query_boxes,
-                        desc=f"{evalset.name} queries", **kw)
+                        scales=query_scales, desc=f"{evalset.name} queries", **kw)
     out = Descriptors(q=np.asarray(q_res.descriptors, np.float32),
                       db=np.asarray(db_res.descriptors, np.float32),
                       q_errors=dict(q_res.errors), db_errors=dict(db_res.errors),
@@ -454,7 +468,11 @@ class EvalReport:
         m = self.meta
         head = [self.title,
                 f"model {m['model']}" + (f" (checkpoint {m['checkpoint']})" if m.get("checkpoint") else "")
-                + f" | scales {','.join(f'{s:g}' for s in m['scales'])} | max size {m['max_size']}"
+                + f" | scales {','.join(f'{s:g}' for s in m['scales'])}"
+                + (f" (queries {','.join(f'{s:g}' for s in m['query_scales'])})"
+                   if m.get("query_scales") is not None and not _same_scales(m["query_scales"], m["scales"])
+                   else "")
+                + f" | max size {m['max_size']}"
                 + f" | re-rank {m['rerank']} | {m['n_queries']} queries, {m['n_db']} database images"]
         if m.get("crop") is True:
             head.append("queries cropped to their ground-truth box (the protocol)")
@@ -503,13 +521,15 @@ def build_net(model: str = "gem-lite0", checkpoint: str | os.PathLike | None = N
 
 
 def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "gem-lite0", checkpoint=None,
-             weights: str = "pretrained", net=None, scales="1", max_size: int | None = None,
-             rerank: str = "none",
+             weights: str = "pretrained", net=None, scales="1", query_scales=None,
+             max_size: int | None = None, rerank: str = "none",
              crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int = 2,
              progress: bool = True, cache_dir=None, keep: bool = False, device: str = "auto") -> EvalReport:
     """Evaluate a model on a dataset under its published protocol.
 
-    ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence); ``max_size``: longest image side
+    ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence), the database's scales;
+    ``query_scales``: the queries' scales, same syntax (default: the model's recommended
+    ``net.config["query_scales"]`` when its checkpoint has one, else ``scales``); ``max_size``: longest image side
     (default 1024 for Revisited/Oxford as in the papers, 512 otherwise); ``rerank``: a re-ranker spec;
     ``net``: an already built model (else built from ``model``/``checkpoint`` on ``device``: "auto" = the
     GPU if there is one); ``keep``: keep the rankings and descriptors in the report.
@@ -522,13 +542,17 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     if net is None:
         net = build_net(model, checkpoint, weights, device)
     model_name = getattr(net, "name", None) or model
+    if query_scales is None:
+        query_scales = (getattr(net, "config", None) or {}).get("query_scales") or sc
+    qsc = parse_scales_arg(query_scales)
     desc = extract_descriptors(net, evalset, scales=sc, max_size=max_size, batch_size=batch_size,
                                workers=workers, progress=progress, cache_dir=cache_dir,
-                               model_id=model_identity(net, model_name, checkpoint))
+                               model_id=model_identity(net, model_name, checkpoint), query_scales=qsc)
     t0 = time.perf_counter()
     metrics, notes, ranks = score_descriptors(evalset, desc, rerank)
     meta = {"dataset": evalset.name, "title": evalset.title, "protocol": evalset.kind, "model": model_name,
-            "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "max_size": max_size,
+            "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "query_scales": list(qsc),
+            "max_size": max_size,
             "rerank": rerank, "crop": evalset.crop, "n_queries": len(evalset.query_paths),
             "n_db": len(evalset.db_paths), "dim": int(desc.db.shape[1]),
             "extract_seconds": round(desc.seconds, 3), "descriptors_cached": desc.cached,

@@ -609,6 +609,10 @@ def fit_params(samples: Sequence[ImageLocal], cfg: LocalConfig, *, meta: dict | 
     if len(g) <= cfg.dim:
         g = np.concatenate([g] + [s.clusters for s in samples])
         pca_from = "global+clusters"
+        if len(g) <= cfg.dim:
+            raise ValueError(f"co-attention's PCA to D'={cfg.dim} needs more than {cfg.dim} sample vectors, and "
+                             f"{len(samples)} sample images give {len(g)} (1 + K each): use more sample images "
+                             f"(--ca-samples) or a smaller D' (--ca-dim {max(1, len(g) - 1)} or less)")
     pca = PCA.fit(g, cfg.dim, whiten=cfg.pca_whiten)
     scale = None
     if cfg.dtype == "int8":

@@ -174,25 +174,3 @@ def test_index_with_coattention_records(shared_data, lite0_gem, tmp_path):
         build_index(imgs, tmp_path / "plain", lite0_gem, model_name="gem-lite0", max_size=128, workers=0,
                     progress=False)
         build_index(imgs, tmp_path / "plain", lite0_gem, **kw)
-
-
-def test_coattention_maps(shared_data, lite0_gem, tmp_path):
-    """Fig. 7-style maps: every selected location carries its cluster's weight a'_i, the rest is 0."""
-    from glimr.viz.coattention_maps import coattention_maps, render_coattention
-
-    ukb = shared_data / "ukbench"
-    maps, qimg = coattention_maps(lite0_gem, ukb / "ukbench00004.jpg", [ukb / "ukbench00005.jpg",
-                                                                        ukb / "ukbench00200.jpg"],
-                                  scales=(1.0,), max_size=256, clusters=4, n_select=20)
-    assert len(maps) == 2 and qimg.size == (256, 192)
-    for m in maps:
-        assert m.coattention.shape == (192, 256) == m.l2norm.shape
-        assert np.isclose(m.weights.sum(), 1.0, atol=1e-5)
-        # 20 of the 6 x 8 cells are selected: the rest is 0; a selected cell holds its cluster's weight
-        assert 0.4 < (m.coattention == 0).mean() < 0.8
-        vals = np.unique(m.coattention[m.coattention > 0])
-        assert np.isclose(vals[:, None], m.weights[None], atol=1e-6).any(1).all()
-    assert maps[0].score > maps[1].score                        # same object scores higher than another
-    out = render_coattention(ukb / "ukbench00004.jpg", [ukb / "ukbench00005.jpg"], tmp_path / "ca.png",
-                             model=lite0_gem, scales=(1.0,), max_size=128)
-    assert out.is_file() and out.stat().st_size > 1000

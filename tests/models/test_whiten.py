@@ -1,0 +1,240 @@
+"""PCA-whitening of the descriptor (glimr/models/whiten.py): the formula, the model stage, checkpoints, the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from glimr.extract.multiscale import extract
+from glimr.models.checkpoint import load_model, save_model
+from glimr.models.registry import build_model
+from glimr.models.whiten import PCAWhitening, attach_whitening, detach_whitening, fit_pca_whitening
+from glimr.models.whiten import main as whiten_main
+
+SIZE = 128
+
+
+def _data(n=400, d=24, seed=0):
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(3.0, 0.05, d)                    # anisotropic, correlated after the rotation
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (rng.standard_normal((n, d)) * scales) @ q.T + rng.standard_normal(d)
+
+
+def _formula(x, k, shrink=0.0):
+    """The direct computation: eigendecomposition of the covariance of the L2-normalised descriptors."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    mu = xn.mean(0)
+    lam, vec = np.linalg.eigh(np.cov(xn.T, bias=True))
+    lam, vec = lam[::-1][:k], vec[:, ::-1][:, :k]
+    return xn, mu, vec / np.sqrt(lam + shrink * lam.mean()), lam
+
+
+def _same_up_to_sign(a, b, atol):
+    s = np.sign((a * b).sum(0))
+    return np.allclose(a, b * s, atol=atol)
+
+
+@pytest.mark.parametrize("k", [24, 8])
+def test_whitened_training_descriptors_have_identity_covariance(k):
+    x = _data()
+    w = fit_pca_whitening(x, dim=k)
+    assert (w.in_dim, w.dim) == (24, k) and w.mean.dtype == torch.float32 and w.proj.dtype == torch.float32
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = (xn - w.mean.double().numpy()) @ w.proj.double().numpy()
+    assert np.allclose(np.cov(y.T, bias=True), np.eye(k), atol=2e-3)
+    assert np.allclose(y.mean(0), 0, atol=1e-4)
+
+
+def test_fit_equals_the_formula_and_forward_normalises():
+    x = _data(seed=1)
+    xn, mu, p, _ = _formula(x, 10)
+    w = fit_pca_whitening(x, dim=10)
+    assert np.allclose(w.mean.numpy(), mu, atol=1e-6)
+    assert _same_up_to_sign(w.proj.double().numpy(), p, atol=1e-3 * np.abs(p).max())
+    # forward: L2((L2(d) - mu) @ P); the module L2-normalises its input itself
+    out = w(torch.from_numpy(x[:50]).float()).double().numpy()
+    ref = (xn[:50] - mu) @ p
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    s = np.sign((w.proj.double().numpy() * p).sum(0))
+    assert np.allclose(out, ref * s, atol=1e-4)
+
+
+def test_shrink_divides_by_lambda_plus_shrink_times_mean():
+    x = _data(seed=2)
+    _, _, p, lam = _formula(x, 12, shrink=0.5)
+    w = fit_pca_whitening(x, dim=12, shrink=0.5)
+    assert _same_up_to_sign(w.proj.double().numpy(), p, atol=1e-3 * np.abs(p).max())
+    # the whitened variances are no longer 1 but lambda / (lambda + 0.5 mean(lambda))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = (xn - w.mean.double().numpy()) @ w.proj.double().numpy()
+    assert np.allclose(y.var(0), lam / (lam + 0.5 * lam.mean()), rtol=1e-3)
+    assert not np.allclose(y.var(0), 1, atol=0.05)
+    plain = fit_pca_whitening(x, dim=12)
+    assert not _same_up_to_sign(w.proj.numpy(), plain.proj.numpy(), atol=1e-3)
+
+
+def test_refusals():
+    x = _data(n=30, d=24)
+    with pytest.raises(ValueError, match="at least 25 descriptors"):
+        fit_pca_whitening(x[:24])                          # dim 24 needs 25 samples
+    fit_pca_whitening(x[:25])
+    with pytest.raises(ValueError, match="at least 11 descriptors"):
+        fit_pca_whitening(x[:10], dim=10)
+    with pytest.raises(ValueError, match="between 1 and the descriptor dimension 24"):
+        fit_pca_whitening(x, dim=25)
+    bad = x.copy()
+    bad[3] = 0
+    with pytest.raises(ValueError, match="all-zero"):
+        fit_pca_whitening(bad, dim=4)
+    flat = np.repeat(x[:3], 10, axis=0)                    # 30 samples spanning 2 directions
+    with pytest.raises(ValueError, match="span only 2 directions"):
+        fit_pca_whitening(flat, dim=4)
+    with pytest.raises(ValueError, match="shrink"):
+        fit_pca_whitening(x, dim=4, shrink=-1)
+
+
+# ------------------------------------------------------------------------------------------ real model
+@pytest.fixture(scope="module")
+def photos(shared_data):
+    return sorted((shared_data / "photos").glob("*.JPEG"))[:20]
+
+
+@pytest.fixture(scope="module")
+def plain_descs(photos):
+    net = build_model("gem-lite0")
+    return extract(net, photos, max_size=SIZE, workers=0, progress=False).descriptors
+
+
+def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_descs, tmp_path):
+    net = build_model("gem-lite0")                          # own instance: attaching changes it
+    pcaw = fit_pca_whitening(plain_descs, dim=16)
+    attach_whitening(net, pcaw, source="test photos")
+    assert net.dim == 16 and net.head.dim == 1280
+    assert net.config["pca_whiten"] == {"dim": 16, "in_dim": 1280, "shrink": 0.0, "source": "test photos"}
+    d = extract(net, photos[:2], max_size=SIZE, workers=0, progress=False).descriptors
+    # the net's stage is the formula applied to the plain descriptors
+    ref = (plain_descs[:2] - pcaw.mean.numpy()) @ pcaw.proj.numpy()
+    assert np.allclose(d, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-4)
+
+    st = save_model(net, tmp_path / "w.safetensors", prefixes=["head."])
+    cfg = json.loads((tmp_path / "w.json").read_text())
+    assert cfg["partial"]["prefixes"] == ["head.", "pcaw."] and cfg["pca_whiten"]["dim"] == 16
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(st))) == {"head.pool.p", "pcaw.mean", "pcaw.proj"}
+    again = build_model(checkpoint=st)
+    assert isinstance(again.pcaw, PCAWhitening) and again.dim == 16
+    d2 = extract(again, photos[:2], max_size=SIZE, workers=0, progress=False).descriptors
+    assert d2.shape == (2, 16)
+    assert np.allclose(np.linalg.norm(d2, axis=1), 1, atol=1e-5)
+    assert np.allclose(d2, d, atol=1e-5)
+
+    # a file whose whitening does not match its config is refused, naming the file
+    cfg["pca_whiten"]["dim"] = 8
+    (tmp_path / "w.json").write_text(json.dumps(cfg))
+    from glimr.models.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="w.safetensors"):
+        load_model(st)
+    # detaching gives the plain model back; saving it records no whitening
+    assert detach_whitening(net) is pcaw and net.dim == 1280 and "pca_whiten" not in net.config
+    save_model(net, tmp_path / "plain.safetensors", prefixes=["head."])
+    assert "pca_whiten" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_old_checkpoints_load_without_whitening():
+    from glimr.models.packaged import packaged_checkpoint
+
+    net = build_model(checkpoint=packaged_checkpoint("cider-lite0-composites"))
+    assert net.pcaw is None and net.dim == 512 and "pca_whiten" not in net.config
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def head_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "gem.safetensors"
+    save_model(build_model("gem-lite0"), out, prefixes=["head."])
+    return out
+
+
+def test_cli_refuses_ukbench(head_ckpt, shared_data, photos, tmp_path, capsys):
+    uk = tmp_path / "UKBench"
+    uk.mkdir()
+    (uk / "a.jpg").symlink_to(photos[0])
+    for folder in (uk, shared_data / "ukbench"):
+        assert whiten_main(["whiten", str(head_ckpt), "--out", str(tmp_path / "o.safetensors"),
+                            "--images", str(folder), "--quiet"]) == 2
+        assert "ukbench" in capsys.readouterr().err.lower()
+    # an evaluation-set folder (gnd.json) and a symlink into UKBench are refused too
+    ev = tmp_path / "evalset"
+    (ev / "db").mkdir(parents=True)
+    (ev / "gnd.json").write_text("{}")
+    assert whiten_main(["whiten", str(head_ckpt), "--out", str(tmp_path / "o.safetensors"),
+                        "--images", str(ev / "db"), "--quiet"]) == 2
+    assert "gnd.json" in capsys.readouterr().err
+    sneaky = tmp_path / "train"
+    sneaky.mkdir()
+    (sneaky / "x.jpg").symlink_to(shared_data / "ukbench" / "ukbench00000.jpg")
+    assert whiten_main(["whiten", str(head_ckpt), "--out", str(tmp_path / "o.safetensors"),
+                        "--images", str(sneaky), "--quiet"]) == 2
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_descs, tmp_path, capsys):
+    train = tmp_path / "train"
+    train.mkdir()
+    for p in photos:
+        (train / p.name).symlink_to(p)
+    out = tmp_path / "gem-w.safetensors"
+    from glimr.cli import main as glimr_main                # registered in the one entry point
+
+    assert glimr_main(["whiten", str(head_ckpt), "--out", str(out), "--images", str(train), "--dim", "16",
+                       "--max-size", str(SIZE), "--workers", "0", "--quiet",
+                       "--query-scales", "1,0.7071,0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "20 descriptors" in printed and "1280 -> 16" in printed and str(out) in printed
+    cfg = json.loads(out.with_suffix(".json").read_text())
+    assert cfg["partial"]["prefixes"] == ["head.", "pcaw."]
+    assert cfg["query_scales"] == [1.0, 0.7071, 0.5]
+    assert cfg["pca_whiten"]["dim"] == 16 and cfg["pca_whiten"]["source"].startswith("images:")
+    net = build_model(checkpoint=out)
+    assert net.dim == 16 and net.config["query_scales"] == [1.0, 0.7071, 0.5]
+    # the same fit as from the descriptors directly
+    ref = fit_pca_whitening(plain_descs, dim=16)
+    assert np.allclose(net.pcaw.mean.numpy(), ref.mean.numpy(), atol=1e-5)
+    assert np.allclose(net.pcaw.proj.numpy(), ref.proj.numpy(), atol=1e-3 * float(ref.proj.abs().max()))
+    # re-whitening a whitened checkpoint starts from the plain descriptors again (not whitened twice)
+    out2 = tmp_path / "gem-w2.safetensors"
+    assert whiten_main(["whiten", str(out), "--out", str(out2), "--images", str(train), "--dim", "8",
+                        "--max-size", str(SIZE), "--workers", "0", "--quiet", "--limit", "12"]) == 0
+    assert "replaced" in capsys.readouterr().out
+    cfg2 = json.loads(out2.with_suffix(".json").read_text())
+    assert cfg2["pca_whiten"]["in_dim"] == 1280 and cfg2["pca_whiten"]["dim"] == 8
+    assert cfg2["partial"]["prefixes"] == ["head.", "pcaw."] and "12 images" in cfg2["pca_whiten"]["source"]
+    assert build_model(checkpoint=out2).dim == 8
+
+
+def test_cli_from_a_feature_cache(head_ckpt, photos, tmp_path, capsys):
+    from PIL import Image
+
+    from glimr.train.cache import build_image_cache
+
+    pngs = []  # PNG copies: the image cache's size check trips on some JPEGs' reduced (draft) decoding
+    for p in photos:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            im.thumbnail((160, 160))
+            pngs.append(tmp_path / f"{p.stem}.png")
+            im.save(pngs[-1])
+    net = build_model("gem-lite0")
+    cache = build_image_cache(tmp_path / "cache", net.backbone, pngs, max_size=SIZE, workers=0, progress=False)
+    out = tmp_path / "c.safetensors"
+    assert whiten_main(["whiten", str(head_ckpt), "--out", str(out), "--cache", str(cache.root), "--dim", "12",
+                        "--quiet"]) == 0
+    assert "from cache" in capsys.readouterr().out
+    w = build_model(checkpoint=out)
+    assert w.dim == 12 and w.config["pca_whiten"]["source"].startswith("cache:")
