@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", default=str(ROOT.parent / "shared" / "data" / "photos"))
     ap.add_argument("--n-samples", type=int, default=1000)
     ap.add_argument("--cache", default=str(ROOT / "bench-data" / "cache" / "coattention"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rerank_clutter"))
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/rerank_clutter_MODEL)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pilot", type=int, default=0, help="only the first N queries, their positives and 4N "
                                                          "negatives (a quick check; not the benchmark)")
@@ -98,6 +98,11 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, checkpoint=args.checkpoint)
     ident = model_identity(model, args.model, args.checkpoint)
+    model_qs = tuple(model.config.get("query_scales") or ()) if tuple(model.config.get("query_scales") or (1.0,)) \
+        != (1.0,) else ()
+    G = "GeM" if model.name.startswith("gem-") else "global"
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / f"rerank_clutter_{model.name}")
     base = LocalConfig()                                   # the paper: N=500, K=10, D'=512, T=10
     p, w, b = model_pooling(model)
     t_start = time.perf_counter()
@@ -121,9 +126,13 @@ def main(argv=None) -> int:
                                      args.max_size, args.workers, ident)
         db_locs, db_ms = cached_locals(cache, f"{ev.name}-db", model, ev.db_paths, None, base, scales,
                                        args.max_size, args.workers, ident)
-        g1 = extract_descriptors(model, ev, scales=(1.0,), max_size=args.max_size, workers=args.workers,
-                                 cache_dir=Path(args.cache).parent, model_id=ident)
-        data[level] = (ev, q_locs, db_locs, q_ms, db_ms, g1)
+        g1 = extract_descriptors(model, ev, scales=(1.0,), query_scales=(1.0,), max_size=args.max_size,
+                                 workers=args.workers, cache_dir=Path(args.cache).parent, model_id=ident)
+        gm = None
+        if model_qs:            # the model's own protocol: database at one scale, queries over its pyramid
+            gm = extract_descriptors(model, ev, scales=(1.0,), query_scales=model_qs, max_size=args.max_size,
+                                     workers=args.workers, cache_dir=Path(args.cache).parent, model_id=ident)
+        data[level] = (ev, q_locs, db_locs, q_ms, db_ms, g1, gm)
 
     params_cache: dict = {}
 
@@ -179,24 +188,37 @@ def main(argv=None) -> int:
         print(name, json.dumps(out), flush=True)
 
     def glob_ranks(level, ms=True):
-        ev, _, _, q_ms, db_ms, g1 = data[level]
+        ev, _, _, q_ms, db_ms, g1, _ = data[level]
         q, db = (q_ms, db_ms) if ms else (g1.q, g1.db)
         return q, db, rank_by_inner_product(q, db)
 
+    def model_ranks(level):
+        g = data[level][6]
+        return g.q, g.db, rank_by_inner_product(g.q, g.db)
+
     sc_label = "paper 5" if args.scales == "paper" else args.scales
-    row("GeM (1 scale)", lambda lv: glob_ranks(lv, False)[2])
-    row(f"GeM ({sc_label} scales)", lambda lv: glob_ranks(lv)[2])
-    row("GeM + aQE", lambda lv: rerank_alpha_qe(*glob_ranks(lv), n=2, alpha=3.0))
-    row("GeM + DF (Iscen et al.: k=50, alpha=0.99)", lambda lv: rerank_diffusion(*glob_ranks(lv)))
-    row("GeM + DF (k=4, alpha=0.8: chosen on UKBench)", lambda lv: rerank_diffusion(*glob_ranks(lv), k=4, kq=4,
-                                                                                   alpha=0.8))
     paper = replace(base, dtype="float32", max_words=0)
-    row("GeM + CA (paper: K=10, D'=512, float32, no IVF)",
+    row(f"{G} (1 scale)", lambda lv: glob_ranks(lv, False)[2])
+    if model_qs:
+        # the model's own protocol first: the global ranking every re-ranker below should improve on
+        qs_label = ",".join(f"{x:g}" for x in model_qs)
+        row(f"{G} (model protocol: database 1 scale, queries {qs_label})", lambda lv: model_ranks(lv)[2])
+        row(f"{G} (model protocol) + aQE", lambda lv: rerank_alpha_qe(*model_ranks(lv), n=2, alpha=3.0))
+        row(f"{G} (model protocol) + DF (k=50, alpha=0.99)", lambda lv: rerank_diffusion(*model_ranks(lv)))
+        row(f"{G} (model protocol) + CA (paper)", lambda lv: ca_ranks(lv, paper, model_ranks(lv)[2], ivf=False))
+        row(f"{G} (model protocol) + CA + aQE (paper)",
+            lambda lv: ca_ranks(lv, paper, model_ranks(lv)[2], ivf=False, qe=2, alpha=3.0))
+    row(f"{G} ({sc_label} scales)", lambda lv: glob_ranks(lv)[2])
+    row(f"{G} + aQE", lambda lv: rerank_alpha_qe(*glob_ranks(lv), n=2, alpha=3.0))
+    row(f"{G} + DF (Iscen et al.: k=50, alpha=0.99)", lambda lv: rerank_diffusion(*glob_ranks(lv)))
+    row(f"{G} + DF (k=4, alpha=0.8: chosen on UKBench)", lambda lv: rerank_diffusion(*glob_ranks(lv), k=4, kq=4,
+                                                                                      alpha=0.8))
+    row(f"{G} + CA (paper: K=10, D'=512, float32, no IVF)",
         lambda lv: ca_ranks(lv, paper, glob_ranks(lv)[2], ivf=False))
-    row("GeM + CA + aQE (paper)", lambda lv: ca_ranks(lv, paper, glob_ranks(lv)[2], ivf=False, qe=2, alpha=3.0))
+    row(f"{G} + CA + aQE (paper)", lambda lv: ca_ranks(lv, paper, glob_ranks(lv)[2], ivf=False, qe=2, alpha=3.0))
     compact = LocalConfig.compact()
-    row("GeM + CA (compact: D'=256 int8, IVF)", lambda lv: ca_ranks(lv, compact, glob_ranks(lv)[2]))
-    row("GeM + CA + aQE (compact)", lambda lv: ca_ranks(lv, compact, glob_ranks(lv)[2], qe=2, alpha=3.0))
+    row(f"{G} + CA (compact: D'=256 int8, IVF)", lambda lv: ca_ranks(lv, compact, glob_ranks(lv)[2]))
+    row(f"{G} + CA + aQE (compact)", lambda lv: ca_ranks(lv, compact, glob_ranks(lv)[2], qe=2, alpha=3.0))
 
     # The paper's model has a learned whitening FC; the off-the-shelf one has none. PCA-whitening learned from
     # the same sample images stands in for it (not in the paper): for the global descriptors too, to compare fairly.
@@ -209,14 +231,14 @@ def main(argv=None) -> int:
         q2, db2 = l2n_np(pw.apply(q)), l2n_np(pw.apply(db))
         return q2, db2, rank_by_inner_product(q2, db2)
 
-    row(f"GeM ({sc_label} scales) + PCA-whitening {base.dim} (not in the paper)", lambda lv: glob_pw(lv)[2])
-    row("GeM + PCA-whitening + aQE", lambda lv: rerank_alpha_qe(*glob_pw(lv), n=2, alpha=3.0))
+    row(f"{G} ({sc_label} scales) + PCA-whitening {base.dim} (not in the paper)", lambda lv: glob_pw(lv)[2])
+    row(f"{G} + PCA-whitening + aQE", lambda lv: rerank_alpha_qe(*glob_pw(lv), n=2, alpha=3.0))
     pwc = replace(paper, pca_whiten=True)
-    row("GeM + CA, PCA-whitened (K=10, D'=512, float32)", lambda lv: ca_ranks(lv, pwc, glob_ranks(lv)[2], ivf=False))
-    row("GeM + CA + aQE, PCA-whitened", lambda lv: ca_ranks(lv, pwc, glob_ranks(lv)[2], ivf=False, qe=2, alpha=3.0))
+    row(f"{G} + CA, PCA-whitened (K=10, D'=512, float32)", lambda lv: ca_ranks(lv, pwc, glob_ranks(lv)[2], ivf=False))
+    row(f"{G} + CA + aQE, PCA-whitened", lambda lv: ca_ranks(lv, pwc, glob_ranks(lv)[2], ivf=False, qe=2, alpha=3.0))
     pwcc = replace(compact, pca_whiten=True)
-    row("GeM + CA, PCA-whitened (compact)", lambda lv: ca_ranks(lv, pwcc, glob_ranks(lv)[2]))
-    row("GeM + CA + aQE, PCA-whitened (compact)", lambda lv: ca_ranks(lv, pwcc, glob_ranks(lv)[2], qe=2, alpha=3.0))
+    row(f"{G} + CA, PCA-whitened (compact)", lambda lv: ca_ranks(lv, pwcc, glob_ranks(lv)[2]))
+    row(f"{G} + CA + aQE, PCA-whitened (compact)", lambda lv: ca_ranks(lv, pwcc, glob_ranks(lv)[2], qe=2, alpha=3.0))
 
     if not args.no_ablation:
         def abl(name, cfg, **kw):

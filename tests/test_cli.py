@@ -35,7 +35,9 @@ def test_extract_writes_names_and_normalised_descriptors(shared_data, tmp_path, 
     with np.load(out, allow_pickle=False) as z:
         names, d = list(z["names"]), z["descriptors"]
     assert names == ["deep/x.jpg"] + [f"ukbench{i:05d}.jpg" for i in range(4)]
-    assert d.dtype == np.float32 and d.shape == (5, 1280)
+    from glimr.models.registry import DEFAULT_MODEL, build_model
+
+    assert d.dtype == np.float32 and d.shape == (5, build_model(DEFAULT_MODEL).dim)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
 
 

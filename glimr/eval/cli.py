@@ -44,7 +44,9 @@ def _add_eval(sub) -> argparse.ArgumentParser:
                    "a folder with gnd.json, query/, db/")
     p.add_argument("--root", help="folder holding the dataset (ground truth and images)")
     p.add_argument("--images", help="folder of the Revisited/Oxford images, if not under --root")
-    p.add_argument("--model", default="gem-lite0", help="model name (see `glimr models`; default gem-lite0)")
+    from glimr.models.registry import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (see `glimr models`; default {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", help="a trained checkpoint (.safetensors with its JSON config)")
     p.add_argument("--weights", default="pretrained",
                    help="backbone weights when no checkpoint (default pretrained)")

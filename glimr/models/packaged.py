@@ -20,6 +20,10 @@ PACKAGED: dict[str, tuple[str, str]] = {
         "cider-lite0-composites",
         "CiDeR-FT head (box-supervised attentional localization, GeM, FC 512) trained on instance composites of "
         "1,000 photos, on the packaged frozen EfficientNet-Lite0; offline"),
+    "cider-lite0-composites-pcaw": (
+        "cider-lite0-composites-pcaw",
+        "cider-lite0-composites + PCA-whitening learned on its 4,000 training views; queries over the scale "
+        "pyramid 1, 0.7071, 0.5; glimr's default"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Model registry: a model name is `HEAD-BACKBONE` (e.g. `gem-lite0`, `glam-resnet50`).
+"""Model registry: a model name is `HEAD-BACKBONE` (e.g. `gem-lite0`, `glam-resnet50`), or the name of a
+trained model packaged with glimr (glimr/models/packaged.py, e.g. `cider-lite0-composites`).
 
 Adding a method = its head file, its test, and one line in HEADS.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from glimr.models.backbones import SPECS as BACKBONES
 from glimr.models.backbones import build_backbone
 from glimr.models.net import RetrievalNet
+from glimr.models.packaged import PACKAGED, is_packaged, load_packaged, packaged_checkpoint
 
 HEADS: dict[str, tuple[str, str]] = {
     # name: (module:class, one-line description)
@@ -22,10 +24,13 @@ HEADS: dict[str, tuple[str, str]] = {
     "dolg": ("glimr.models.heads.dolg:DOLGHead", "DOLG: multi-atrous local, orthogonal fusion, FC 512"),
 }
 
-DEFAULT_MODEL = "gem-lite0"
+DEFAULT_MODEL = "cider-lite0-composites-pcaw"  # trained, packaged: glimr/models/weights/MODEL_CARD.md
 
 
 def split_name(name: str) -> tuple[str, str]:
+    """(head, backbone) of a model name; a packaged model answers with its architecture's."""
+    if is_packaged(name):
+        return split_name(json.loads(packaged_checkpoint(name).with_suffix(".json").read_text())["name"])
     head, _, bb = name.partition("-")
     if head not in HEADS or bb not in BACKBONES:
         raise ValueError(f"unknown model {name!r}: a model is HEAD-BACKBONE with HEAD in {sorted(HEADS)} "
@@ -39,7 +44,11 @@ def head_class(head: str):
 
 
 def available_models() -> list[dict]:
-    return [{"name": f"{h}-{b}", "head": h, "backbone": b, "about": HEADS[h][1]} for h in HEADS for b in BACKBONES]
+    rows = [{"name": f"{h}-{b}", "head": h, "backbone": b, "about": HEADS[h][1]} for h in HEADS for b in BACKBONES]
+    for name, (_, about) in PACKAGED.items():
+        h, b = split_name(name)
+        rows.append({"name": name, "head": h, "backbone": b, "about": "trained: " + about})
+    return rows
 
 
 def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, weights: str = "pretrained",
@@ -50,6 +59,11 @@ def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
     if checkpoint is not None:
         from glimr.models.checkpoint import load_model
         return load_model(checkpoint)
+    if is_packaged(name):
+        if head_kwargs or weights != "pretrained":
+            raise ValueError(f"{name!r} is a trained model packaged with glimr: it takes no head arguments and "
+                             "no --weights (build its architecture by HEAD-BACKBONE name for that)")
+        return load_packaged(name)
     head, bb = split_name(name)
     backbone = build_backbone(bb, weights=weights)
     net = RetrievalNet(backbone, head_class(head)(backbone, **head_kwargs), name,
@@ -59,4 +73,5 @@ def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
 
 def describe(name: str) -> str:
     head, bb = split_name(name)
-    return json.dumps({"name": name, "head": head, "backbone": bb, "about": HEADS[head][1]})
+    about = PACKAGED[name][1] if is_packaged(name) else HEADS[head][1]
+    return json.dumps({"name": name, "head": head, "backbone": bb, "about": about})

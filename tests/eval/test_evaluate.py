@@ -139,7 +139,7 @@ def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
 
 def test_cli_eval_writes_json(tiny_gnd, same_net, tmp_path, capsys):
     out = tmp_path / "m.json"
-    rc = main(["eval", str(tiny_gnd), "--max-size", str(SIZE), "--workers", "0", "--quiet",
+    rc = main(["eval", "--model", "gem-lite0", str(tiny_gnd), "--max-size", str(SIZE), "--workers", "0", "--quiet",
                "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -156,7 +156,7 @@ def test_cli_ukbench_ns(shared_data, same_net, tmp_path, capsys):
     for i in range(32):
         os.symlink(shared_data / "ukbench" / f"ukbench{i:05d}.jpg", sub / f"ukbench{i:05d}.jpg")
     out = tmp_path / "ukb.json"
-    assert main(["eval", "ukbench", "--root", str(sub), "--max-size", str(SIZE), "--workers", "0", "--quiet",
+    assert main(["eval", "--model", "gem-lite0", "ukbench", "--root", str(sub), "--max-size", str(SIZE), "--workers", "0", "--quiet",
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert 3.0 < data["N-S"] <= 4.0 and "N-S" in capsys.readouterr().out
@@ -239,7 +239,7 @@ def test_revisited_pipeline_crops_queries_and_reports_protocols(roxford_root, mo
     calls = []
     monkeypatch.setattr(multiscale, "extract", oracle_extract(gnd, calls))
     out = tmp_path / "r.json"
-    rc = main(["eval", "roxford5k", "--root", str(roxford_root), "--scales", "0.7071", "1", "1.4142",
+    rc = main(["eval", "--model", "gem-lite0", "roxford5k", "--root", str(roxford_root), "--scales", "0.7071", "1", "1.4142",
                "--json", str(out), "--quiet"])
     assert rc == 0
     q_call = next(c for c in calls if c["n"] == 70)
@@ -255,14 +255,14 @@ def test_revisited_pipeline_crops_queries_and_reports_protocols(roxford_root, mo
     # --no-crop: no boxes, and the output says so
     calls.clear()
     with pytest.warns(UserWarning, match="NOT cropped"):
-        assert main(["eval", "roxford5k", "--root", str(roxford_root), "--no-crop", "--quiet"]) == 0
+        assert main(["eval", "--model", "gem-lite0", "roxford5k", "--root", str(roxford_root), "--no-crop", "--quiet"]) == 0
     assert next(c for c in calls if c["n"] == 70)["boxes"] is None
     assert "NOT cropped" in capsys.readouterr().out
 
 
 def test_revisited_needs_its_images(shared_data, capsys):
     rev = shared_data / "revisited"
-    rc = main(["eval", "roxford5k", "--root", str(rev), "--images", str(rev / "oxford-sample"), "--quiet"])
+    rc = main(["eval", "--model", "gem-lite0", "roxford5k", "--root", str(rev), "--images", str(rev / "oxford-sample"), "--quiet"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "60 of 70 query images" in err and "revisitop" in err

@@ -118,7 +118,7 @@ def test_cli_search_query_scales(tiny, net, tmp_path, capsys):
             assert abs(h["score"] - float(db[h["path"]] @ q)) < 1e-4
 
     idx = tmp_path / "idx"
-    assert main(["index", "build", str(tiny / "db"), "--index", str(idx), "--max-size", str(SIZE),
+    assert main(["index", "build", str(tiny / "db"), "--index", str(idx), "--model", "gem-lite0", "--max-size", str(SIZE),
                  "--workers", "0", "--precision", "fp32"]) == 0
     capsys.readouterr()
     check(search(idx, "--query-scales", "1,0.7071,0.5"), _x(net, [query], QS, "fp32")[0])

@@ -17,8 +17,10 @@ def test_packaged_weights_are_small_head_only_and_documented():
         st = packaged_checkpoint(name)
         assert st.is_file() and st.stat().st_size <= 30 * 2**20
         cfg = json.loads(st.with_suffix(".json").read_text())
-        assert cfg["partial"]["prefixes"] == ["head."]
-        assert all(k.startswith("head.") for k in load_file(str(st)))
+        prefixes = cfg["partial"]["prefixes"]
+        assert prefixes[0] == "head." and set(prefixes) <= {"head.", "pcaw."}       # never the backbone
+        assert all(k.startswith(tuple(prefixes)) for k in load_file(str(st)))
+        assert ("pcaw." in prefixes) == ("pca_whiten" in cfg)
         assert "ukbench" not in json.dumps(cfg["train"]["config"]["data"])     # trained on photos/ only
     card = (WEIGHTS_DIR / "MODEL_CARD.md").read_text()
     for name in PACKAGED:
