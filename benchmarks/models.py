@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        from glimr.models.cpu import tune_allocator
+
+        tune_allocator()                     # as glimr's extraction does (glimr/models/cpu.py): every head gets it
     heads = [h for h in args.heads.split(",") if h]
     heads = ["gem"] + [h for h in heads if h != "gem"]
     rows = []

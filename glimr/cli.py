@@ -23,7 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> No
     p.add_argument("--scales", default=scales_default, help="1, 3, 5 or a comma list like 1,0.7071,1.4142")
     p.add_argument("--max-size", type=int, default=512, help="longest image side before scaling")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 where the CPU/GPU has native bf16, else fp32")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this (decompression bombs)")

@@ -70,7 +70,8 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder to cache descriptors in (reused when nothing changed)")
     p.add_argument("--device", default="auto", help='"auto" (GPU if any), "cpu", "cuda", "cuda:1"...')
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
     return p

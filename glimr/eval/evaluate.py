@@ -378,7 +378,7 @@ def model_identity(net, name: str | None, checkpoint) -> dict:
 
 
 def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_size: int,
-                        batch_size: int = 16, workers: int = 2, progress: bool = True,
+                        batch_size: int = 16, workers: int | None = None, progress: bool = True,
                         cache_dir: str | os.PathLike | None = None,
                         model_id: dict | None = None,
                         query_scales: Sequence[float] | None = None) -> Descriptors:
@@ -523,7 +523,7 @@ def build_net(model: str = "gem-lite0", checkpoint: str | os.PathLike | None = N
 def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "gem-lite0", checkpoint=None,
              weights: str = "pretrained", net=None, scales="1", query_scales=None,
              max_size: int | None = None, rerank: str = "none",
-             crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int = 2,
+             crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int | None = None,
              progress: bool = True, cache_dir=None, keep: bool = False, device: str = "auto") -> EvalReport:
     """Evaluate a model on a dataset under its published protocol.
 

@@ -312,7 +312,7 @@ class LocalAccumulator:
 
 def extract_local(model: torch.nn.Module, items: Sequence, *, cfg: LocalConfig | None = None,
                   scales: Sequence[float] = PAPER_SCALES, max_size: int = 512, boxes=None, batch_size: int = 16,
-                  workers: int = 2, precision: str = "auto", progress: bool = True, desc: str = "local features",
+                  workers: int | None = None, precision: str = "auto", progress: bool = True, desc: str = "local features",
                   keep_feats: bool = True, on_done=None, **kw):
     """Global descriptors and co-attention features from one forward pass per view.
 

@@ -4,8 +4,9 @@ For each image: optional query crop (box in original pixels), resize so the long
 (downscale only, as in the GeM/cirtorch protocol), then for every scale s resize by s, run the model,
 take its L2-normalised descriptor; sum over scales and L2-normalise again.
 
-Decoding and resizing run in DataLoader worker processes; the main process groups images of identical
-size into batches (so no padding changes the pooled descriptor), runs the model under bf16 autocast where
+Decoding and resizing run in DataLoader worker processes, or, with ``workers=0`` (the default on machines
+with at most 2 cores: glimr/models/cpu.py), in one background thread that overlaps the forward pass; the main
+process groups images of identical size into batches (so no padding changes the pooled descriptor), runs the model under bf16 autocast where
 the hardware has native bf16, and never aborts on a bad file: it is reported and its row left at zero.
 """
 from __future__ import annotations
@@ -129,17 +130,38 @@ def _identity(x):
     return x
 
 
-def _loader(ds: Dataset, workers: int, batch_size: int) -> DataLoader:
-    kw = {}
-    if workers > 0:
-        kw = dict(num_workers=workers, prefetch_factor=max(2, 2 * batch_size // workers), persistent_workers=False)
+def _prefetched(ds: Dataset, depth: int):
+    """ds[0], ds[1], ... in order, each decoded by one background thread up to ``depth`` items ahead (PIL
+    releases the GIL while it decodes and resizes, so decoding overlaps the forward pass)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(ds)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glimr-decode") as pool:
+        pending: deque = deque()
+        nxt = 0
+        while nxt < n or pending:
+            while nxt < n and len(pending) < depth:
+                pending.append(pool.submit(ds.__getitem__, nxt))
+                nxt += 1
+            yield pending.popleft().result()
+
+
+def _loader(ds: Dataset, workers: int | None, batch_size: int):
+    """Decoded items in order: ``workers`` processes (DataLoader), or with 0 one background thread."""
+    from glimr.models.cpu import resolve_workers
+
+    workers = resolve_workers(workers)
+    if workers == 0:
+        return _prefetched(ds, depth=2 * batch_size)
+    kw = dict(num_workers=workers, prefetch_factor=max(2, 2 * batch_size // workers), persistent_workers=False)
     return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
 
 
 @torch.inference_mode()
 def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *, scales: Sequence[float] = (1.0,),
             max_size: int = 512, boxes: Sequence[Box | None] | None = None, batch_size: int = 16,
-            workers: int = 2, precision: str = "auto", progress: bool = True, desc: str = "extract",
+            workers: int | None = None, precision: str = "auto", progress: bool = True, desc: str = "extract",
             max_pixels: int = DEFAULT_MAX_PIXELS, report_errors: bool = True, draft: bool = True,
             local_fn: Callable[[int, int, torch.Tensor, tuple[int, int]], None] | None = None) -> ExtractResult:
     """Global descriptors for image paths (or PIL images). Bad files are reported and skipped.
@@ -153,6 +175,10 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     """
     scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        from glimr.models.cpu import tune_allocator
+
+        tune_allocator()
     n = len(items)
     dim = int(model.dim)
     acc = np.zeros((n, dim), dtype=np.float32)

@@ -30,7 +30,7 @@ class BuildReport:
 
 def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_name: str,
                 checkpoint: str | None = None, scales=(1.0,), max_size: int = 512, factory: str = "Flat",
-                chunk_size: int = 256, batch_size: int = 16, workers: int = 2, precision: str = "auto",
+                chunk_size: int = 256, batch_size: int = 16, workers: int | None = None, precision: str = "auto",
                 max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
                 coattention: LocalConfig | None = None, ca_samples=None, ca_sample_count: int = 1000,
                 ca_sample_scales=(1.0,)) -> BuildReport:

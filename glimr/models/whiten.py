@@ -182,7 +182,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "recommended one: eval and search then extract queries at these scales by default "
                         "(the database stays at the index's / --scales)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="with --images: decoding processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -346,7 +346,7 @@ def search_store(store, model, image, k: int = 10, *, box=None, precision: str =
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: int, *, workers: int = 2,
+def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: int, *, workers: int | None = None,
                   batch_size: int = 16, ident=None, progress: bool = True):
     """(ImageLocal per item, multi-scale global descriptors) from one forward pass per view; cached in
     ``cache`` (a folder; None = no cache) by model, images, boxes, scales, max size, N, K."""
@@ -379,7 +379,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
                   cache=None, clusters: int = 10, n: int = 500, dim: int = 512, dtype: str = "float32",
                   codebook: int = 4096, words: int = 0, temperature: float = 10.0, qe: int = 0,
                   alpha: float = 3.0, ivf: bool | None = None, shortlist: int | None = None,
-                  fallback: str = "zero", pool: str = "unit", workers: int = 2, progress: bool = True,
+                  fallback: str = "zero", pool: str = "unit", workers: int | None = None, progress: bool = True,
                   pca_whiten: bool = False, net=None) -> np.ndarray:
     """Co-attention re-ranking of an evaluation set from its images (the eval re-ranker ``coattention``).
 

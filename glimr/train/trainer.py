@@ -461,6 +461,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if cfg.run.threads:
             torch.set_num_threads(int(cfg.run.threads))
+        if self.device.type == "cpu":
+            from glimr.models.cpu import tune_allocator
+
+            tune_allocator()                # activations reused from the heap: glimr/models/cpu.py
         self.is_main = self.rank == 0
 
     # setup -------------------------------------------------------------------------------------------
