@@ -654,7 +654,9 @@ def save_locals(directory: str | os.PathLike, locs: Sequence[ImageLocal | None])
          "counts": np.zeros((n, k), np.int32), "n_feats": np.zeros(n, np.int32), "n_clusters": np.zeros(n, np.int32),
          "labels": np.full((n, nf), -1, np.int16), "pos": np.zeros((n, nf, 3), np.int16),
          "grids": np.zeros((n, len(ok[0].grids) if ok else 0, 4), np.int32)}
-    feats = np.lib.format.open_memmap(d / "feats.npy.tmp", mode="w+", dtype=np.float16, shape=(n, nf, c)) \
+    # the selected local features keep the feature map's width (a head with a whitening FC pools to fewer dims)
+    feats = np.lib.format.open_memmap(d / "feats.npy.tmp", mode="w+", dtype=np.float16,
+                                      shape=(n, nf, ok[0].feats.shape[1])) \
         if ok and ok[0].feats is not None else None
     for i, x in enumerate(locs):
         if x is None:

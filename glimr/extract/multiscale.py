@@ -196,8 +196,10 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
         group = buckets.pop(key)
         buffered -= len(group)
         idx = [i for i, _, _ in group]
-        x = torch.stack([t for _, t, _ in group]).to(device, non_blocking=True).float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
+        # the views are HWC arrays seen as CHW: stacking them as NHWC is a plain copy, and the NCHW view of
+        # that is already channels-last, the layout the convolutions run fastest in (no transposing copies)
+        x = torch.stack([t.permute(1, 2, 0) for _, t, _ in group]).to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
         with autocast(precision, device):
             out = model(x)
             d = out.descriptor

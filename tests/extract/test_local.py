@@ -150,3 +150,23 @@ def test_extract_local_equals_direct_forward_passes(shared_data, lite0_gem, tmp_
     back = load_locals(tmp_path / "locs")
     assert back[1] is None and np.allclose(back[2].clusters, locs[1].clusters)
     assert np.allclose(back[0].feats, locs[0].feats, rtol=1e-3, atol=1e-3)
+
+
+def test_cached_locals_keep_the_feature_maps_width_when_the_head_projects(tmp_path):
+    """A head with a whitening FC pools to fewer dims (query, clusters) than its local map has (feats)."""
+    from glimr.extract.local import ImageLocal
+
+    rng = np.random.default_rng(0)
+
+    def loc(n):
+        return ImageLocal(query=rng.random(8, dtype=np.float32), global_=rng.random(8, dtype=np.float32),
+                          clusters=rng.random((3, 8), dtype=np.float32), counts=np.array([2, 2, n - 4], np.int32),
+                          feats=rng.random((n, 20), dtype=np.float32), labels=np.arange(n) % 3,
+                          pos=np.zeros((n, 3), np.int16), grids=[(4, 5, 128, 160)])
+
+    a, b = loc(7), loc(5)
+    save_locals(tmp_path / "locs", [a, b])
+    back = load_locals(tmp_path / "locs")
+    assert back[0].feats.shape == (7, 20) and back[1].feats.shape == (5, 20)
+    np.testing.assert_allclose(back[1].feats, b.feats, atol=1e-3)
+    np.testing.assert_allclose(back[0].clusters, a.clusters)
