@@ -333,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_subcommand(register, argv: list[str] | None, description: str) -> int:
+    """`python -m glimr.X` entry of a subcommand family: parse with just its ``register``, run it, and turn
+    the usual user errors into "error: ..." and exit status 2."""
+    parser = argparse.ArgumentParser(prog="glimr", description=description)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from glimr.index.store import IndexStoreError

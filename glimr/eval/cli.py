@@ -129,15 +129,9 @@ def run_bench_cmd(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glimr", description="glimr evaluation commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from glimr.cli import run_subcommand
+
+    return run_subcommand(register, argv, "glimr evaluation commands")
 
 
 if __name__ == "__main__":

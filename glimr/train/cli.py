@@ -73,18 +73,12 @@ def run_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glimr", description="glimr training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
+    from glimr.cli import run_subcommand
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "train":
         argv = ["train", *argv]
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_subcommand(register, argv, "glimr training")
 
 
 if __name__ == "__main__":
