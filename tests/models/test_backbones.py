@@ -13,7 +13,7 @@ def _imagenet_batch(shared_data, n=64, size=224):
     files = sorted(glob.glob(str(shared_data / "photos" / "*.JPEG")))  # one photo per class, in class order
     step = len(files) // n
     picks = list(range(0, len(files), step))[:n]
-    xs = [torch.from_numpy(np.asarray(load_image(files[i]).resize((size, size)))).permute(2, 0, 1) for i in picks]
+    xs = [torch.from_numpy(np.array(load_image(files[i]).resize((size, size)))).permute(2, 0, 1) for i in picks]
     return torch.stack(xs).float() / 255, torch.tensor(picks)
 
 

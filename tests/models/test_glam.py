@@ -129,6 +129,11 @@ def test_eq3_eq5_global_channel_attention(head, feat, taylor_terms):
         np.testing.assert_allclose(npy(a[b]).sum(axis=0), np.ones(C), rtol=1e-12)   # softmax over channels i
         np.testing.assert_allclose(npy(g_c[b]), r_gc, rtol=1e-10)
         np.testing.assert_allclose(npy(feat[b] * 3 * g_c[b]), r_fcg, rtol=1e-10)
+    # the path attend() takes: A_c^g not formed (with the series, the normaliser too comes from it)
+    g_fast, a_fast = head.global_channel(feat * 3, with_attention=False)
+    assert (a_fast is None) == (taylor_terms is not None)
+    for b in range(feat.shape[0]):
+        np.testing.assert_allclose(npy(g_fast[b]), global_ref(head, npy(feat[b] * 3))[1], rtol=1e-10)
 
 
 def test_eq4_eq6_global_spatial_attention(head, feat):

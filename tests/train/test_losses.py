@@ -79,7 +79,7 @@ def test_softmax_ce_matches_direct():
     for i in range(5):  # UGALR eq. (5): -log(e^{W_y x + b_y} / sum_j e^{W_j x + b_j})
         z = [float(W[j] @ x[i] + b[j]) for j in range(4)]
         direct += -(z[int(y[i])] - math.log(sum(math.exp(v) for v in z)))
-    assert float(ce(x.float(), y)) == pytest.approx(direct / 5, rel=1e-5)
+    assert ce(x.float(), y).item() == pytest.approx(direct / 5, rel=1e-5)
 
 
 def test_contrastive_matches_direct_pairs():
@@ -104,11 +104,11 @@ def test_criterion_adds_weighted_intermediate_ce():
     y = torch.tensor([0, 1, 2, 3, 0])
     total, parts = crit(RetrievalOutput(descriptor=desc, aux={"inter_embedding": emb}), y)
     lg, la = crit.main(desc, y), crit.inter(emb, y)
-    assert float(total) == pytest.approx(float(lg + 0.6 * la), rel=1e-6)       # UGALR eq. (7)
-    assert parts["arcface"] == pytest.approx(float(lg)) and parts["inter_ce"] == pytest.approx(float(la))
+    assert total.item() == pytest.approx((lg + 0.6 * la).item(), rel=1e-6)       # UGALR eq. (7)
+    assert parts["arcface"] == pytest.approx(lg.item()) and parts["inter_ce"] == pytest.approx(la.item())
     # no aux embedding: ArcFace alone
     total2, parts2 = crit(RetrievalOutput(descriptor=desc), y)
-    assert float(total2) == pytest.approx(float(lg)) and "inter_ce" not in parts2
+    assert total2.item() == pytest.approx(lg.item()) and "inter_ce" not in parts2
 
 
 def test_criterion_errors():
@@ -153,6 +153,6 @@ def test_localization_loss_is_bce_of_minmax_map_on_composites_only():
     crit = Criterion(8, 3, loc_weight=2.0, loc_map="A")
     desc = F.normalize(torch.randn(3, 8), dim=1)
     total, parts = crit(RetrievalOutput(descriptor=desc, attention={"A": att}), torch.tensor([0, 1, 2]), boxes)
-    assert float(total) == pytest.approx(parts["arcface"] + 2.0 * got, rel=1e-5)
+    assert total.item() == pytest.approx(parts["arcface"] + 2.0 * got, rel=1e-5)
     with pytest.raises(RuntimeError, match="loc_map"):
         crit(RetrievalOutput(descriptor=desc), torch.tensor([0, 1, 2]), boxes)
