@@ -12,7 +12,9 @@ The pure forward rate is measured on the same decoded, resized images the pipeli
 tensors, for every input shape (the Oxford photos are landscape and portrait, so at 1024 there are several),
 each weighted by its share of the images: the pipeline and the forward pass then do the same arithmetic on the
 same data, and pipe/fwd measures only what decoding, resizing, batching and pooling cost. Both run with glimr's
-CPU allocator setting (glimr/models/cpu.py) and glimr's default decoding workers for this machine.
+CPU allocator setting (glimr/models/cpu.py) and glimr's default decoding workers for this machine, and both
+run the net extract() runs: its inference copy with the backbone's BatchNorms folded (glimr/models/fold.py;
+GLIMR_FOLD_BN=0 measures without).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from glimr.extract.multiscale import extract
+from glimr.models.fold import inference_model
 from glimr.models.precision import autocast, cpu_has_native_bf16
 from glimr.models.registry import build_model
 
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         # rounds alternate forward and pipeline, so that a drift of the machine's speed hits both alike
         fwds, pipes = [], []
         for _ in range(1 if slow else a.rounds):
-            fwds.append(mixed_forward_rate(model, ready, prec, secs))
+            fwds.append(mixed_forward_rate(inference_model(model), ready, prec, secs))
             n_pipe = max(batch, int(round(fwds[-1] * secs / batch)) * batch)
             pipes.append(pipeline_rate(model, paths, size, batch, a.workers, prec, n_pipe))
         fwd, pipe = statistics.median(fwds), statistics.median(pipes)

@@ -174,6 +174,9 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     times faster on large photos; descriptors differ from full decoding by about 1% (cosine > 0.99).
     """
     scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
+    from glimr.models.fold import inference_model
+
+    model = inference_model(model)          # backbone BatchNorms folded into their convs (glimr/models/fold.py)
     device = next(model.parameters()).device
     if device.type == "cpu":
         from glimr.models.cpu import tune_allocator

@@ -1,0 +1,101 @@
+"""BatchNorm folding for inference (glimr/models/fold.py): the folded copy computes the same descriptors and
+local maps as the net, has no BatchNorm left in its backbone, and is rebuilt when the net changes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from glimr.extract.multiscale import extract
+from glimr.models.fold import fold_batchnorm, inference_model
+from glimr.models.registry import build_model
+
+HEADS = ["gem", "glam", "cider", "ugalr", "dplg", "dolg"]
+
+
+def randomize_batchnorms(net: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm statistics and affine terms far from the identity, so that folding is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+def backbone_batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in net.backbone.modules())
+
+
+@pytest.mark.parametrize("backbone,expected", [("lite0", 49), ("resnet50", 53)])
+def test_every_backbone_batchnorm_is_folded(backbone, expected):
+    torch.manual_seed(0)
+    net = build_model(f"gem-{backbone}", weights="none").eval()
+    randomize_batchnorms(net)
+    n_before = backbone_batchnorms(net)
+    folded, n = fold_batchnorm(net)
+    assert n == n_before == expected                 # every conv -> BN pair of both families
+    assert backbone_batchnorms(folded) == 0
+    assert backbone_batchnorms(net) == n_before      # the net itself is untouched
+    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = net(x), folded(x)
+    # float32 rounding through ~50 layers whose BatchNorms are random (not trained) grows to about 1e-4 of the
+    # map's scale; a wrong fold is off by the order of the map itself
+    np.testing.assert_allclose(b.descriptor.numpy(), a.descriptor.numpy(), atol=1e-5)
+    np.testing.assert_allclose(b.local.numpy(), a.local.numpy(), atol=1e-3 * float(a.local.abs().max()))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_folded_heads_match_on_lite0(head):
+    """Every head (UGALR with its widened res5 input among them) keeps its output; the heads' own BatchNorms
+    stay."""
+    torch.manual_seed(0)
+    net = build_model(f"{head}-lite0", weights="none").eval()
+    randomize_batchnorms(net, seed=1)
+    n_head_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.head.modules())
+    folded, n = fold_batchnorm(net)
+    assert n == 49
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules()) == n_head_bn
+    x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = net(x), folded(x)
+    np.testing.assert_allclose(b.descriptor.numpy(), a.descriptor.numpy(), atol=1e-5)
+    for k in a.attention:
+        np.testing.assert_allclose(b.attention[k].numpy(), a.attention[k].numpy(), atol=1e-4)
+
+
+def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, monkeypatch):
+    """The real default model on real photos: extract() (folded) against the same net unfolded."""
+    files = sorted((shared_data / "photos").glob("*.JPEG"))[:4]
+    assert files
+    folded = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
+    monkeypatch.setenv("GLIMR_FOLD_BN", "0")
+    plain = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
+    np.testing.assert_allclose(folded, plain, atol=1e-5)
+    assert (folded * plain).sum(axis=1).min() > 1 - 1e-6
+
+
+def test_inference_model_is_cached_and_rebuilt_when_the_net_changes(monkeypatch):
+    net = build_model("gem-lite0", weights="none").eval()
+    randomize_batchnorms(net)
+    first = inference_model(net)
+    assert first is not net and inference_model(net) is first          # cached
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = first(x).descriptor
+        next(net.backbone.parameters()).mul_(0.5)                       # an in-place change, as an optimizer's
+        second = inference_model(net)
+        assert second is not first
+        np.testing.assert_allclose(second(x).descriptor.numpy(), net(x).descriptor.numpy(), atol=1e-5)
+        assert not torch.allclose(before, second(x).descriptor)
+    net.train()
+    assert inference_model(net) is net                                  # training mode: batch statistics
+    net.eval()
+    monkeypatch.setenv("GLIMR_FOLD_BN", "0")
+    assert inference_model(net) is net
