@@ -90,5 +90,8 @@ def inference_model(net: nn.Module) -> nn.Module:
     if hit is not None and hit[0] == fp:
         return hit[1]
     folded, _ = fold_batchnorm(net)
+    # channels-last weights: extract() feeds channels-last images, and oneDNN would otherwise reorder every
+    # convolution's weights on every call
+    folded = folded.to(memory_format=torch.channels_last)
     _CACHE[net] = (fp, folded)
     return folded

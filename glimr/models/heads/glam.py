@@ -127,7 +127,9 @@ class GlobalChannelAttention(nn.Module):
             qn = q.pow(n.view(-1, 1))                                              # (B, N+1, c): Q_j^n
             z = torch.bmm(kn.sum(dim=1, keepdim=True), qn)                         # (B, 1, c): Z_j
             g = torch.bmm(torch.bmm(v, kn.to(v.dtype)), (qn / z).to(v.dtype))
-        return g.transpose(1, 2).reshape(b, c, h, w), att
+        # (B, hw, c) is (B, h, w, c) in memory: as (B, c, h, w) that is channels-last, F's layout in extraction
+        # (a contiguous NCHW copy would make F * G_c of eq. (5) mix layouts, several times slower)
+        return g.view(b, h, w, c).permute(0, 3, 1, 2), att
 
 
 class GlobalSpatialAttention(nn.Module):
