@@ -1,4 +1,4 @@
-"""Inference copies of a net with the backbone's BatchNorms folded into the convolutions before them.
+"""Inference copies of a net with its BatchNorms folded into the convolutions before them.
 
 In eval mode a BatchNorm after a convolution is an affine map per output channel, y = (conv(x) - mean) * s + b
 with s = gamma / sqrt(var + eps), so it can live in the convolution's weights and bias:
@@ -7,10 +7,12 @@ keeps its activation). Same numbers up to float rounding (descriptors within 1e-
 EfficientNet-Lite0 at 512 x 512 ran 17% faster per image here (64.6 -> 53.5 ms, batch 8, 2 threads); ResNet-50
 gained nothing measurable.
 
-Only the backbone is folded: its two families (timm EfficientNet-Lite, torchvision ResNet) feed every such
-convolution's output to its BatchNorm alone. A pair is found by running the net once on a small image with
-hooks: a Conv2d, then at once a BatchNorm2d whose input is that very output tensor. The heads are left as they
-are.
+A pair is found by running the net once on a small image with hooks: a Conv2d module, then at once a
+BatchNorm2d module whose input is that very output tensor. Folding then assumes the convolution's output goes
+to that BatchNorm alone, which holds for both backbone families (timm EfficientNet-Lite, torchvision ResNet)
+and for every head's conv-BN blocks (torchvision's Conv2dNormActivation, timm's ConvNormAct, DOLG's local
+attention); `tests/models/test_fold.py` checks every head's outputs against the unfolded net. A BatchNorm
+after a functional convolution (DPLG's fusing conv) or on vectors (GLAM's BatchNorm1d) stays.
 
 `inference_model(net)` is what `glimr.extract.multiscale.extract` runs: the folded copy, kept per net and made
 again when any of the net's parameters or buffers changed in place (an optimizer step, a `load_state_dict`) or
@@ -45,19 +47,18 @@ def _fingerprint(net: nn.Module) -> tuple | None:
 
 @torch.no_grad()
 def fold_batchnorm(net: nn.Module, probe_size: int = 128) -> tuple[nn.Module, int]:
-    """(folded deep copy of net in eval mode, number of BatchNorms folded). net must have a `backbone`."""
+    """(folded deep copy of net in eval mode, number of BatchNorms folded). net takes (B, 3, H, W) images."""
     folded = copy.deepcopy(net).eval()
-    bb = folded.backbone
     events: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, i, o: events.append((m, i[0], o)))
-             for m in bb.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+             for m in folded.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     try:
-        dev = next(folded.parameters()).device
-        folded(torch.zeros(1, 3, probe_size, probe_size, device=dev))
+        w = next(folded.parameters())
+        folded(torch.zeros(1, 3, probe_size, probe_size, device=w.device, dtype=w.dtype))
     finally:
         for h in hooks:
             h.remove()
-    parent = {id(c): (m, name) for m in bb.modules() for name, c in m.named_children()}
+    parent = {id(c): (m, name) for m in folded.modules() for name, c in m.named_children()}
     n = 0
     for (conv, _, out), (bn, bn_in, _) in zip(events, events[1:]):
         if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn_in is out):

@@ -1,5 +1,6 @@
 """BatchNorm folding for inference (glimr/models/fold.py): the folded copy computes the same descriptors and
-local maps as the net, has no BatchNorm left in its backbone, and is rebuilt when the net changes."""
+local maps as the net, has no BatchNorm left in its backbone (and in the heads only those after functional
+convolutions), and is rebuilt when the net changes."""
 from __future__ import annotations
 
 import numpy as np
@@ -51,23 +52,33 @@ def test_every_backbone_batchnorm_is_folded(backbone, expected):
     np.testing.assert_allclose(b.local.numpy(), a.local.numpy(), atol=1e-3 * float(a.local.abs().max()))
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_folded_heads_match_on_lite0(head):
-    """Every head (UGALR with its widened res5 input among them) keeps its output; the heads' own BatchNorms
-    stay."""
+# heads with their variants that bring other conv-BN blocks (timm's NL block, SE, gather-excite, SK)
+VARIANTS = [(h, {}) for h in HEADS] + [("cider", {"enhancement": e}) for e in ("nonlocal", "se", "ge")] + [
+    ("cider", {"context": "sk"})]
+# BatchNorm2d that stay: after a functional convolution (DPLG's fusing 1x1 conv)
+LEFT = {"dplg": 1}
+
+
+@pytest.mark.parametrize("head,kwargs", VARIANTS, ids=[f"{h}-{'-'.join(map(str, k.values())) or 'default'}"
+                                                        for h, k in VARIANTS])
+def test_folded_heads_match_on_lite0(head, kwargs):
+    """Every head (UGALR with its widened res5 input among them) keeps its outputs; its own conv-BN blocks are
+    folded too."""
     torch.manual_seed(0)
-    net = build_model(f"{head}-lite0", weights="none").eval()
+    net = build_model(f"{head}-lite0", weights="none", **kwargs).eval().double()   # float64: no rounding to blur
     randomize_batchnorms(net, seed=1)
     n_head_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.head.modules())
     folded, n = fold_batchnorm(net)
-    assert n == 49
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules()) == n_head_bn
-    x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(3))
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules())
+    assert left == LEFT.get(head, 0)
+    assert n == 49 + n_head_bn - left
+    x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         a, b = net(x), folded(x)
-    np.testing.assert_allclose(b.descriptor.numpy(), a.descriptor.numpy(), atol=1e-5)
+    np.testing.assert_allclose(b.descriptor.numpy(), a.descriptor.numpy(), atol=1e-10)
+    np.testing.assert_allclose(b.local.numpy(), a.local.numpy(), atol=1e-9 * float(a.local.abs().max()))
     for k in a.attention:
-        np.testing.assert_allclose(b.attention[k].numpy(), a.attention[k].numpy(), atol=1e-4)
+        np.testing.assert_allclose(b.attention[k].numpy(), a.attention[k].numpy(), atol=1e-9)
 
 
 def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, monkeypatch):
