@@ -18,9 +18,9 @@ orthogonal component of mean(f_l) (projection is linear): the same numbers witho
 The image-pooling branch's share of the 1x1 conv is applied to the vector once and broadcast.
 
 Cost: at the authors' widths the local branch is heavy (three 3x3 convs 1024 -> 512 on ResNet-50's res4: 29
-GFLOPs at 512 x 512, 68% of the backbone's). On the CPU it adds 52% (512) and 55% (1024) to GeM's time on
+GFLOPs at 512 x 512, 68% of the backbone's). On the CPU it adds 49% (512) and 63% (1024) to GeM's time on
 ResNet-50 (`benchmarks/results/heads_cpu_fp32.md`), over the 25% that glimr's own heads keep to; the default
-stays the published baseline. `atrous_dim=128` adds 16% / 19%, but is then a narrower DOLG than the papers'.
+stays the published baseline. `atrous_dim=128` adds 11% / 20%, but is then a narrower DOLG than the papers'.
 
 Attention map returned: "A" = the softplus attention a (B, h4, w4). `local` = f_l (stride 16).
 """
