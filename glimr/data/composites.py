@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from glimr.data import transforms as T
-from glimr.data.samplers import group_size
+from glimr.data.samplers import group_size, split_key
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, list_images, load_image
 
 
@@ -130,11 +130,7 @@ class InstanceComposites(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, key):
-        if isinstance(key, (tuple, list)):
-            index, w, h = (int(v) for v in key)
-            size = (w, h)
-        else:
-            index, size = int(key), None
+        index, size = split_key(key)
         img, info = self.render(index, size)
         w, h = img.size
         x0, y0, x1, y1 = info.box

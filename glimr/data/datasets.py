@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from glimr.data import transforms as T
-from glimr.data.samplers import group_size
+from glimr.data.samplers import group_size, split_key
 from glimr.io.images import DEFAULT_MAX_PIXELS, load_image
 
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
@@ -176,11 +176,8 @@ class LabeledImages(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, key):
-        if isinstance(key, (tuple, list)):
-            index, w, h = (int(v) for v in key)
-            size = (w, h)
-        else:
-            index = int(key)
+        index, size = split_key(key)
+        if size is None:
             size = group_size(float(self.aspects[index]), self.long_side)
         img = load_image(self.paths[index], max_pixels=self.max_pixels, target_size=max(size))
         if self.augment:

@@ -34,6 +34,14 @@ def group_size(aspect: float, long_side: int, divisor: int = 32) -> tuple[int, i
     return rnd(w), rnd(h)
 
 
+def split_key(key) -> tuple[int, tuple[int, int] | None]:
+    """A dataset key: a plain index, or (index, w, h) from `GroupSizeBatchSampler` -> (index, (w, h) or None)."""
+    if isinstance(key, (tuple, list)):
+        index, w, h = (int(v) for v in key)
+        return index, (w, h)
+    return int(key), None
+
+
 def aspect_groups(aspects: Sequence[float], n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Split items into up to `n_groups` groups of similar aspect ratio and similar sizes: items sorted by
     aspect ratio are cut near every k/n_groups of their count, at a change of value (items with identical

@@ -5,7 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from glimr.data.samplers import ClassBalanced, GroupSizeBatchSampler, RandomOrder, aspect_groups, group_size
+from glimr.data.samplers import (ClassBalanced, GroupSizeBatchSampler, RandomOrder, aspect_groups, group_size,
+                                 split_key)
 
 
 def test_group_size_keeps_aspect_and_divisor():
@@ -112,3 +113,12 @@ def test_group_size_sampler_over_class_balanced_source():
                               n_groups=2, drop_last=False)
     got = [i for b in s for i, _, _ in b]
     assert Counter(labels[got].tolist()) == {c: 2 for c in range(10)}
+
+
+def test_split_key_reads_plain_indices_and_sampler_keys():
+    assert split_key(7) == (7, None)
+    assert split_key(np.int64(3)) == (3, None)
+    assert split_key((5, 512, 384)) == (5, (512, 384))
+    assert split_key([2, 384, 512]) == (2, (384, 512))
+    with pytest.raises(ValueError):
+        split_key((1, 2))

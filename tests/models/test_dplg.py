@@ -26,16 +26,10 @@ def gem_ref(x: np.ndarray, p: float) -> np.ndarray:
 
 
 @pytest.fixture
-def head():
+def head(randomize_bn):
     torch.manual_seed(0)
     h = DPLGHead(SimpleNamespace(channels={"res4": C4, "res5": C5}), dim=6, rfb_width=3)
-    with torch.no_grad():
-        for m in h.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2)
-                m.weight.normal_()
-                m.bias.normal_()
+    randomize_bn(h)
     return h.double().eval()
 
 

@@ -15,29 +15,15 @@ from glimr.models.registry import build_model
 HEADS = ["gem", "glam", "cider", "ugalr", "dplg", "dolg"]
 
 
-def randomize_batchnorms(net: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm statistics and affine terms far from the identity, so that folding is tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-                if m.affine:
-                    m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-
-
 def backbone_batchnorms(net: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in net.backbone.modules())
 
 
 @pytest.mark.parametrize("backbone,expected", [("lite0", 49), ("resnet50", 53)])
-def test_every_backbone_batchnorm_is_folded(backbone, expected):
+def test_every_backbone_batchnorm_is_folded(backbone, expected, randomize_bn):
     torch.manual_seed(0)
     net = build_model(f"gem-{backbone}", weights="none").eval()
-    randomize_batchnorms(net)
+    randomize_bn(net)
     n_before = backbone_batchnorms(net)
     folded, n = fold_batchnorm(net)
     assert n == n_before == expected                 # every conv -> BN pair of both families
@@ -61,12 +47,12 @@ LEFT = {"dplg": 1}
 
 @pytest.mark.parametrize("head,kwargs", VARIANTS, ids=[f"{h}-{'-'.join(map(str, k.values())) or 'default'}"
                                                         for h, k in VARIANTS])
-def test_folded_heads_match_on_lite0(head, kwargs):
+def test_folded_heads_match_on_lite0(head, kwargs, randomize_bn):
     """Every head (UGALR with its widened res5 input among them) keeps its outputs; its own conv-BN blocks are
     folded too."""
     torch.manual_seed(0)
     net = build_model(f"{head}-lite0", weights="none", **kwargs).eval().double()   # float64: no rounding to blur
-    randomize_batchnorms(net, seed=1)
+    randomize_bn(net, seed=1)
     n_head_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.head.modules())
     folded, n = fold_batchnorm(net)
     left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules())
@@ -92,9 +78,9 @@ def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, 
     assert (folded * plain).sum(axis=1).min() > 1 - 1e-6
 
 
-def test_inference_model_is_cached_and_rebuilt_when_the_net_changes(monkeypatch):
+def test_inference_model_is_cached_and_rebuilt_when_the_net_changes(monkeypatch, randomize_bn):
     net = build_model("gem-lite0", weights="none").eval()
-    randomize_batchnorms(net)
+    randomize_bn(net)
     first = inference_model(net)
     assert first is not net and inference_model(net) is first          # cached
     x = torch.rand(1, 3, 64, 64)
