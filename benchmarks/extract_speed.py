@@ -13,7 +13,7 @@ tensors, for every input shape (the Oxford photos are landscape and portrait, so
 each weighted by its share of the images: the pipeline and the forward pass then do the same arithmetic on the
 same data, and pipe/fwd measures only what decoding, resizing, batching and pooling cost. Both run with glimr's
 CPU allocator setting (glimr/models/cpu.py) and glimr's default decoding workers for this machine, and both
-run the net extract() runs: its inference copy with the backbone's BatchNorms folded (glimr/models/fold.py;
+run the net extract() runs: its inference copy with the BatchNorms folded (glimr/models/fold.py;
 GLIMR_FOLD_BN=0 measures without).
 """
 from __future__ import annotations

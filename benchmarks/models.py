@@ -15,7 +15,7 @@ else as strings); such a row is labelled with them.
 
 Models run with random weights (`weights="none"`: speed does not depend on them) on square inputs of
 `size` x `size`, in channels-last layout as `glimr extract` feeds them, and timed as `glimr extract` runs
-them: the inference copy with the backbone's BatchNorms folded into its convolutions (glimr/models/fold.py;
+them: the inference copy with the BatchNorms folded into their convolutions (glimr/models/fold.py;
 GLIMR_FOLD_BN=0 times the nets as built). FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one image, on the meta
 device (matmuls and convolutions; 1 multiply-add = 2 FLOPs). Times are per image (divided by the batch size), over `--repeats`
 timed runs after `--warmup` runs; on CUDA with synchronisation. The heads of one backbone and size take turns
@@ -125,7 +125,7 @@ def bench_group(heads: list[tuple[str, str, dict]], backbone: str, size: int, de
             "gflops": count_gflops(model, x), "dim": model.dim, "descriptor_bytes": model.dim * 4,
             "gib_per_1m_images": model.dim * 4 * 1e6 / 2**30,
         })
-        models[label] = inference_model(model)   # what extract() runs: backbone BatchNorms folded
+        models[label] = inference_model(model)   # what extract() runs: BatchNorms folded
     # channels-last, as glimr's extraction feeds the model (glimr/extract/multiscale.py)
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     fp32 = time_interleaved(models, x, None, warmup, repeats)

@@ -176,7 +176,7 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
     from glimr.models.fold import inference_model
 
-    model = inference_model(model)          # backbone BatchNorms folded into their convs (glimr/models/fold.py)
+    model = inference_model(model)          # conv-BN pairs folded, channels-last weights (glimr/models/fold.py)
     device = next(model.parameters()).device
     if device.type == "cpu":
         from glimr.models.cpu import tune_allocator
