@@ -158,6 +158,9 @@ def _loader(ds: Dataset, workers: int | None, batch_size: int):
     return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
 
 
+FOLD_MIN_VIEWS = 8          # from this many views on, extract() makes the folded copy if it has none
+
+
 @torch.inference_mode()
 def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *, scales: Sequence[float] = (1.0,),
             max_size: int = 512, boxes: Sequence[Box | None] | None = None, batch_size: int = 16,
@@ -176,7 +179,9 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
     from glimr.models.fold import inference_model
 
-    model = inference_model(model)          # conv-BN pairs folded, channels-last weights (glimr/models/fold.py)
+    # conv-BN pairs folded, channels-last weights (glimr/models/fold.py); a one-query call reuses a copy but
+    # does not pay for making one
+    model = inference_model(model, build=len(items) * len(scales) >= FOLD_MIN_VIEWS)
     device = next(model.parameters()).device
     if device.type == "cpu":
         from glimr.models.cpu import tune_allocator

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from glimr.extract.multiscale import extract
+from glimr.extract.multiscale import FOLD_MIN_VIEWS, extract
 from glimr.models.fold import fold_batchnorm, inference_model
 from glimr.models.registry import build_model
 
@@ -69,9 +69,10 @@ def test_folded_heads_match_on_lite0(head, kwargs, randomize_bn):
 
 def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, monkeypatch):
     """The real default model on real photos: extract() (folded) against the same net unfolded."""
-    files = sorted((shared_data / "photos").glob("*.JPEG"))[:4]
-    assert files
+    files = sorted((shared_data / "photos").glob("*.JPEG"))[:FOLD_MIN_VIEWS]
+    assert len(files) == FOLD_MIN_VIEWS                                # enough views for extract() to fold
     folded = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
+    assert inference_model(default_model, build=False) is not default_model   # the folded copy ran
     monkeypatch.setenv("GLIMR_FOLD_BN", "0")
     plain = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
     np.testing.assert_allclose(folded, plain, atol=1e-5)
@@ -81,8 +82,10 @@ def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, 
 def test_inference_model_is_cached_and_rebuilt_when_the_net_changes(monkeypatch, randomize_bn):
     net = build_model("gem-lite0", weights="none").eval()
     randomize_bn(net)
+    assert inference_model(net, build=False) is net                      # nothing to reuse yet
     first = inference_model(net)
     assert first is not net and inference_model(net) is first          # cached
+    assert inference_model(net, build=False) is first                  # reused
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         before = first(x).descriptor
@@ -96,3 +99,14 @@ def test_inference_model_is_cached_and_rebuilt_when_the_net_changes(monkeypatch,
     net.eval()
     monkeypatch.setenv("GLIMR_FOLD_BN", "0")
     assert inference_model(net) is net
+
+
+def test_a_small_extract_call_does_not_make_a_copy(shared_data, randomize_bn):
+    """One query image: making the folded copy would cost more than it saves, so extract() runs the net."""
+    net = build_model("gem-lite0", weights="none").eval()
+    randomize_bn(net)
+    one = sorted((shared_data / "photos").glob("*.JPEG"))[:1]
+    extract(net, one, max_size=128, progress=False, workers=0)
+    assert inference_model(net, build=False) is net
+    extract(net, one * FOLD_MIN_VIEWS, max_size=128, progress=False, workers=0)
+    assert inference_model(net, build=False) is not net
