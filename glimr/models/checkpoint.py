@@ -92,7 +92,7 @@ def load_model(path: str | Path, map_location: str = "cpu"):
         raise CheckpointError(f"'{js}' is not a glimr checkpoint config (needs a 'name' key): {e}") from e
     partial = cfg.get("partial")
     base = partial.get("base_weights", "pretrained") if partial else "none"
-    model = build_model(name, weights=base, **cfg.get("head_kwargs", {}))
+    model = build_model(name, warn_untrained=False, weights=base, **cfg.get("head_kwargs", {}))
     pw = cfg.get("pca_whiten")
     if pw is not None:  # rebuild the whitening stage first: its buffers are in the state dict
         from glimr.models.whiten import PCAWhitening

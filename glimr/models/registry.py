@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 
 from glimr.models.backbones import SPECS as BACKBONES
@@ -43,19 +44,42 @@ def head_class(head: str):
     return getattr(importlib.import_module(mod), cls)
 
 
+#: heads whose default build has no weights to learn beyond GeM's p (initialised at the papers' p = 3): with
+#: the ImageNet backbone they are a real off-the-shelf model, not a random one
+OFF_THE_SHELF_HEADS = frozenset({"gem"})
+
+
+class UntrainedHeadWarning(UserWarning):
+    """A model built by HEAD-BACKBONE name whose head has randomly initialised weights."""
+
+
+def weights_status(name: str, head_kwargs: dict | None = None) -> str:
+    """"trained" (a packaged model), "off-the-shelf" (ImageNet backbone + a head with nothing to learn, e.g.
+    GeM without a whitening FC) or "untrained" (a head whose layers start from random weights: train it)."""
+    if is_packaged(name):
+        return "trained"
+    head, _ = split_name(name)
+    if head in OFF_THE_SHELF_HEADS and not (head_kwargs or {}).get("dim"):
+        return "off-the-shelf"
+    return "untrained"
+
+
 def available_models() -> list[dict]:
-    rows = [{"name": f"{h}-{b}", "head": h, "backbone": b, "about": HEADS[h][1]} for h in HEADS for b in BACKBONES]
+    rows = [{"name": f"{h}-{b}", "head": h, "backbone": b, "weights": weights_status(f"{h}-{b}"),
+             "about": HEADS[h][1]} for h in HEADS for b in BACKBONES]
     for name, (_, about) in PACKAGED.items():
         h, b = split_name(name)
-        rows.append({"name": name, "head": h, "backbone": b, "about": "trained: " + about})
+        rows.append({"name": name, "head": h, "backbone": b, "weights": "trained", "about": "trained: " + about})
     return rows
 
 
 def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, weights: str = "pretrained",
-                **head_kwargs) -> RetrievalNet:
+                *, warn_untrained: bool = True, **head_kwargs) -> RetrievalNet:
     """Build a model by name; with `checkpoint`, its JSON config (next to the .safetensors file) decides
     the name and head arguments, and its weights are loaded (the backbone starts random: the checkpoint
-    holds it)."""
+    holds it). A head with random weights (:func:`weights_status` "untrained") is marked
+    ``config["untrained_head"]`` and warned about, unless ``warn_untrained`` is False (the checkpoint loader
+    and the trainer, which fill or train those weights)."""
     if checkpoint is not None:
         from glimr.models.checkpoint import load_model
         return load_model(checkpoint)
@@ -68,6 +92,12 @@ def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
     backbone = build_backbone(bb, weights=weights)
     net = RetrievalNet(backbone, head_class(head)(backbone, **head_kwargs), name,
                        {"name": name, "head_kwargs": head_kwargs})
+    if warn_untrained and weights_status(name, head_kwargs) == "untrained":
+        net.config["untrained_head"] = True
+        warnings.warn(f"model {name!r}: the {head} head has no trained weights, so its descriptors come from "
+                      "random head weights (fine for tests and training, meaningless for search); train it "
+                      "(`glimr train`) and pass --checkpoint, or use a trained model (`glimr models`)",
+                      UntrainedHeadWarning, stacklevel=2)
     return net.eval()
 
 

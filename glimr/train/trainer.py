@@ -479,7 +479,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed % 2**32)
         random.seed(cfg.run.seed)
-        self.net = build_model(cfg.model, weights=cfg.weights, **cfg.head_kwargs)
+        self.net = build_model(cfg.model, warn_untrained=False, weights=cfg.weights, **cfg.head_kwargs)
         self.stage = cfg.cache.stage if cfg.cache.enabled else None
         self.trainable = ({"res5": "head", "res4": "res5+head"}[self.stage] if self.stage
                           else cfg.optim.trainable)

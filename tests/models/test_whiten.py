@@ -11,7 +11,7 @@ from glimr.extract.multiscale import extract
 from glimr.models.checkpoint import load_model, save_model
 from glimr.models.registry import build_model
 from glimr.models.whiten import PCAWhitening, attach_whitening, detach_whitening, fit_pca_whitening
-from glimr.models.whiten import main as whiten_main
+from glimr.train.whiten import main as whiten_main
 
 SIZE = 128
 
@@ -238,3 +238,73 @@ def test_cli_from_a_feature_cache(head_ckpt, photos, tmp_path, capsys):
     assert "from cache" in capsys.readouterr().out
     w = build_model(checkpoint=out)
     assert w.dim == 12 and w.config["pca_whiten"]["source"].startswith("cache:")
+
+
+# ---- learned whitening (Lw, Radenovic et al.) -----------------------------------------------------------
+def _lw_direct(x, pairs, dim, reg):
+    """Lw computed the slow, literal way (float64): loops over pairs, scipy's matrix power for C_S^{-1/2}."""
+    from scipy.linalg import fractional_matrix_power
+
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    mu = x.mean(axis=0)
+    d = x.shape[1]
+    cs = np.zeros((d, d))
+    for i, j in pairs:
+        v = (x[i] - x[j])[:, None]
+        cs += v @ v.T
+    cs /= len(pairs)
+    cs += reg * np.trace(cs) / d * np.eye(d)
+    w = np.real(fractional_matrix_power(cs, -0.5))
+    y = (x - mu) @ w
+    cd = sum(np.outer(r, r) for r in y) / len(y)
+    lam, vec = np.linalg.eigh(cd)
+    vec = vec[:, ::-1][:, :dim]
+    out = (x - mu) @ w @ vec
+    return out / np.linalg.norm(out, axis=1, keepdims=True), w @ vec
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.3])
+def test_learned_whitening_equals_the_formula(reg):
+    from glimr.models.whiten import fit_learned_whitening
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 12))
+    x = np.concatenate([base + 0.2 * rng.normal(size=base.shape), base + 0.2 * rng.normal(size=base.shape)])
+    pairs = np.stack([np.arange(40), np.arange(40) + 40], axis=1)
+    lw = fit_learned_whitening(x, pairs, dim=8, reg=reg)
+    want, proj = _lw_direct(x, pairs, 8, reg)
+    # eigenvectors are defined up to sign: compare column by column up to sign (float64 fit, fp32 buffers)
+    got_proj = lw.proj.double().numpy()
+    signs = np.sign((got_proj * proj).sum(axis=0))
+    np.testing.assert_allclose(got_proj, proj * signs, rtol=1e-4, atol=1e-5)
+    got = lw(torch.from_numpy(x).float()).double().numpy()        # fp32 forward
+    np.testing.assert_allclose(got, want * signs, atol=1e-4)
+
+
+def test_learned_whitening_whitens_the_pair_differences():
+    """With reg 0 and all dims, the differences of matching pairs have identity covariance after W (before
+    the rotation, which keeps it identity): the within-instance variation is whitened away."""
+    from glimr.models.whiten import fit_learned_whitening
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(300, 6))
+    x = np.concatenate([base, base + 0.1 * rng.normal(size=base.shape) * np.arange(1, 7)])
+    pairs = np.stack([np.arange(300), np.arange(300) + 300], axis=1)
+    lw = fit_learned_whitening(x, pairs, reg=0.0)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    df = (xn[pairs[:, 0]] - xn[pairs[:, 1]]) @ lw.proj.double().numpy()
+    np.testing.assert_allclose(df.T @ df / len(df), np.eye(6), atol=1e-4)   # fp32 buffers, float64 product
+
+
+def test_learned_whitening_refusals():
+    from glimr.models.whiten import fit_learned_whitening
+
+    x = np.random.default_rng(2).normal(size=(10, 4))
+    with pytest.raises(ValueError, match="pairs"):
+        fit_learned_whitening(x, np.array([[0, 0]]))
+    with pytest.raises(ValueError, match="pairs"):
+        fit_learned_whitening(x, np.array([[0, 10]]))
+    with pytest.raises(ValueError, match="reg"):
+        fit_learned_whitening(x, np.array([[0, 1]]), reg=float("nan"))
+    with pytest.raises(ValueError, match="too few directions"):
+        fit_learned_whitening(x, np.array([[0, 1]]), reg=0.0)
