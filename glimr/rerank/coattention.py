@@ -35,7 +35,7 @@ __all__ = ["coattention_weights", "score_dense", "CoAttentionIndex", "SearchResu
 
 FALLBACKS = ("zero", "last", "proxy")
 SHORTLIST_BY = ("votes", "proxy")
-_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_BLOCK = 2048                # int8 / float16 rows converted to float32 at a time (4 MB at D' = 512)
 POOLS = ("unit", "norm")
 
 
@@ -101,7 +101,6 @@ class CoAttentionIndex:
         self.proxy = np.ascontiguousarray(proxy, dtype=np.int8)
         self.proxy_scale = np.ascontiguousarray(proxy_scale, dtype=np.float32)
         self._proxy_t = torch.from_numpy(self.proxy)
-        self._proxy_s = torch.from_numpy(self.proxy_scale).to(torch.bfloat16)
         self.words = words
         self.m = len(self.codes)
         self.live = np.ones(self.m, bool) if live is None else np.asarray(live, bool)
@@ -158,25 +157,21 @@ class CoAttentionIndex:
         return self.codec.decode_units(self.codes[rows])
 
     def cosines(self, q: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-        """a_i = V_q . u_i for the given rows: (m, K)."""
+        """a_i = V_q . u_i for the given rows: (m, K), float32 accumulation.
+
+        float32 codes: one matrix-vector product on the stored array (no copy). float16 / int8 codes (int8: the
+        per-dimension step folds into the query) are converted to float32 in blocks of ``_BLOCK`` vectors (a
+        cache-sized buffer) before each matrix-vector product: the float32 value of ``decode_units(codes) @ q``
+        up to the order of the sums, with public operations only."""
         codes = self.codes[rows]
         k, d = codes.shape[1], codes.shape[2]
-        if codes.dtype in (np.float16, np.float32):   # torch's matrix-vector product on the stored type, no copy
-            a = torch.mv(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d)),
-                         torch.from_numpy(np.asarray(q, codes.dtype))).float().numpy()
-            return a.reshape(-1, k)
+        flat = torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d))
+        if codes.dtype == np.float32:
+            return torch.mv(flat, torch.from_numpy(np.asarray(q, np.float32))).numpy().reshape(-1, k)
         qq = np.asarray(q, np.float32)
         if self.codec.dtype == "int8":
             qq = qq * self.codec.scale      # the per-dimension step folds into the query
-            flat = torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d))
-            if _INT8_MM:                    # int8 x bf16 kernel: no float copy of the codes
-                try:
-                    out = torch._weight_int8pack_mm(torch.from_numpy(qq)[None].to(torch.bfloat16), flat,
-                                                    torch.ones(len(flat), dtype=torch.bfloat16))
-                    return out[0].float().numpy().reshape(-1, k)
-                except (RuntimeError, AttributeError):
-                    pass
-        return (codes.reshape(-1, d).astype(np.float32) @ qq).reshape(-1, k)
+        return _mv_f32(flat, torch.from_numpy(np.ascontiguousarray(qq, np.float32))).reshape(-1, k)
 
     def scores(self, q: np.ndarray, rows: np.ndarray | None = None, temperature: float = 10.0,
                pool: str = "unit", chunk: int = 32768) -> np.ndarray:
@@ -193,15 +188,10 @@ class CoAttentionIndex:
         return out
 
     def proxy_scores(self, q: np.ndarray) -> np.ndarray:
-        """The temperature-0 proxy for every row: cos over the first proxy_dim dimensions."""
-        qp = l2n_np(np.asarray(q, np.float32)[:self.proxy.shape[1]])
-        if _INT8_MM:
-            try:
-                return torch._weight_int8pack_mm(torch.from_numpy(qp)[None].to(torch.bfloat16), self._proxy_t,
-                                                 self._proxy_s)[0].float().numpy()
-            except (RuntimeError, AttributeError):
-                pass
-        return (self.proxy.astype(np.float32) @ qp) * self.proxy_scale
+        """The temperature-0 proxy for every row: cos over the first proxy_dim dimensions (float32; the int8
+        proxy is converted in blocks, then times its per-row scale)."""
+        qp = torch.from_numpy(l2n_np(np.asarray(q, np.float32)[:self.proxy.shape[1]]))
+        return _mv_f32(self._proxy_t, qp) * self.proxy_scale
 
     def candidates(self, qwords: np.ndarray | None, ivf: bool = True) -> np.ndarray:
         """(m,) bool: live rows sharing a word with the query (all live rows without the IVF / words)."""
@@ -262,6 +252,20 @@ class CoAttentionIndex:
         if pool == "norm":
             w = w * self.norms[rows]
         return l2n_np(np.einsum("mk,mkd->md", w, units))
+
+
+def _mv_f32(mat: torch.Tensor, vec: torch.Tensor) -> np.ndarray:
+    """``mat @ vec`` for an int8 / float16 (n, d) matrix and a float32 (d,) vector: float32 (n,), computed block by
+    block on a float32 copy of ``_BLOCK`` rows (one reused buffer; a whole float copy would be 4x the codes)."""
+    n, d = mat.shape
+    out = torch.empty(n, dtype=torch.float32)
+    buf = torch.empty((min(n, _BLOCK), d), dtype=torch.float32)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        b = buf[:e - s]
+        b.copy_(mat[s:e])
+        torch.mv(b, vec, out=out[s:e])
+    return out.numpy()
 
 
 def _top_k(score: np.ndarray, k: int, key2: np.ndarray | None) -> np.ndarray:

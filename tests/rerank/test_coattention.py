@@ -174,3 +174,24 @@ def test_index_with_coattention_records(shared_data, lite0_gem, tmp_path):
         build_index(imgs, tmp_path / "plain", lite0_gem, model_name="gem-lite0", max_size=128, workers=0,
                     progress=False)
         build_index(imgs, tmp_path / "plain", lite0_gem, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_cosines_and_proxy_equal_the_decoded_records_in_float32(dtype, monkeypatch):
+    """The kernels (public torch ops only) compute, in float32, exactly what the stored records say: a_i against
+    the decoded units and the proxy against int8 x per-row scale, both to 1e-5 of a float64 reference, also
+    across the int8 conversion blocks (made small here) and on a gathered, non-contiguous set of rows."""
+    import glimr.rerank.coattention as ca
+
+    monkeypatch.setattr(ca, "_BLOCK", 7)
+    u, n = _random_db(m=90, k=5, d=24, seed=8)
+    idx = _index(u, n, dtype, proxy_dim=8)
+    q = l2n_np(np.random.default_rng(9).standard_normal(24).astype(np.float32))
+    rows = np.array([0, 3, 4, 17, 50, 89])
+    ref = idx.codec.decode_units(idx.codes[rows]).astype(np.float64) @ q.astype(np.float64)
+    got = idx.cosines(q, rows)
+    assert got.dtype == np.float32 and got.shape == (6, 5)
+    assert np.abs(got - ref).max() < 1e-5
+    qp = q[:8].astype(np.float64) / np.linalg.norm(q[:8])
+    ref_p = (idx.proxy.astype(np.float64) @ qp) * idx.proxy_scale
+    assert np.abs(idx.proxy_scores(q) - ref_p).max() < 1e-5
