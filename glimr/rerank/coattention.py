@@ -371,10 +371,10 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
     out = [locs.get(i) for i in range(len(items))]
     if d is None:
         return out, res.descriptors
-    from glimr.extract.local import _atomic_npy  # noqa: PLC0415
+    from glimr.io.atomic import atomic_write_npy  # noqa: PLC0415
 
     save_locals(d, out)
-    _atomic_npy(d / "global.npy", res.descriptors)
+    atomic_write_npy(d / "global.npy", res.descriptors)
     return load_locals(d), res.descriptors
 
 

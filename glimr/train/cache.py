@@ -42,7 +42,7 @@ from glimr.data import transforms as T
 from glimr.data.composites import InstanceComposites
 from glimr.data.samplers import aspect_groups, group_size
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from glimr.models.checkpoint import atomic_write_bytes
+from glimr.io.atomic import atomic_write_bytes
 from glimr.models.precision import autocast
 
 STAGES = ("res4", "res5")

@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 
 from glimr.data import transforms as T
 from glimr.data.samplers import ClassBalanced, GroupSizeBatchSampler, RandomOrder
-from glimr.models.checkpoint import atomic_write_bytes, save_model
+from glimr.io.atomic import atomic_write_bytes
+from glimr.models.checkpoint import save_model
 from glimr.models.precision import resolve_precision
 from glimr.train.losses import Criterion
 
