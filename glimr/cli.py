@@ -333,35 +333,67 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run_subcommand(register, argv: list[str] | None, description: str) -> int:
-    """`python -m glimr.X` entry of a subcommand family: parse with just its ``register``, run it, and turn
-    the usual user errors into "error: ..." and exit status 2."""
-    parser = argparse.ArgumentParser(prog="glimr", description=description)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's or the data's, not glimr's: one line "glimr CMD: error: ...", exit 2."""
+    from glimr.data.revisited import GroundTruthError
+    from glimr.eval.evaluate import EvalError
     from glimr.index.store import IndexStoreError
     from glimr.io.images import ImageError
     from glimr.models.backbones import WeightsError
     from glimr.models.checkpoint import CheckpointError
+    from glimr.train.cache import CacheError
+
+    return (ImageError, IndexStoreError, WeightsError, CheckpointError, EvalError, GroundTruthError, CacheError,
+            ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    return text
+
+
+def run_command(func, args, command: str) -> int:
+    """Run ``func(args)``: its exit status, or ONE error line on stderr and a non-zero status, never a traceback.
+
+    User and data errors (:func:`_user_errors`): ``glimr CMD: error: MESSAGE``, status 2. Anything else is a
+    bug: ``glimr CMD: internal error: TYPE: MESSAGE (set GLIMR_DEBUG=1 for the traceback)``, status 1; with
+    ``GLIMR_DEBUG=1`` in the environment it is raised with its traceback."""
+    import os
 
     try:
-        return int(args.func(args) or 0)
-    except (ImageError, IndexStoreError, WeightsError, CheckpointError, ValueError, FileNotFoundError,
-            NotADirectoryError) as e:
-        print(f"glimr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; an index build resumes where it stopped when run again", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `glimr ... | head`: the reader left; nothing more to say
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (keeps the interpreter's flush at exit quiet)
+        except OSError:
+            pass
+        return 141
+    except Exception as e:
+        if os.environ.get("GLIMR_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, _user_errors()):
+            print(f"glimr {command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"glimr {command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set GLIMR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def run_subcommand(register, argv: list[str] | None, description: str) -> int:
+    """`python -m glimr.X` entry of a subcommand family: parse with just its ``register`` and run it like
+    :func:`main` does (one error line, never a traceback)."""
+    parser = argparse.ArgumentParser(prog="glimr", description=description)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, args.command)
 
 
 if __name__ == "__main__":
