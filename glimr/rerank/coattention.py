@@ -351,23 +351,26 @@ def search_store(store, model, image, k: int = 10, *, box=None, precision: str =
 
 # ------------------------------------------------------------------------------------------ evaluation
 def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: int, *, workers: int | None = None,
-                  batch_size: int = 16, ident=None, progress: bool = True):
+                  batch_size: int = 16, ident=None, progress: bool = True, precision: str = "auto"):
     """(ImageLocal per item, multi-scale global descriptors) from one forward pass per view; cached in
-    ``cache`` (a folder; None = no cache) by model, images, boxes, scales, max size, N, K."""
+    ``cache`` (a folder; None = no cache) by model, images, boxes, scales, max size, N, K (and precision, when
+    it resolves to bf16)."""
     import hashlib  # noqa: PLC0415
     import json  # noqa: PLC0415
 
     from glimr.extract.local import extract_local, load_locals, save_locals  # noqa: PLC0415
+    from glimr.models.precision import resolve_precision  # noqa: PLC0415
 
-    key = hashlib.sha1(json.dumps([ident, [str(p) for p in items], boxes, [float(s) for s in scales], max_size,
-                                   cfg.n_select, cfg.clusters, cfg.kmeans_iters, cfg.p], sort_keys=True,
-                                  default=str).encode()).hexdigest()[:12]
+    precision = resolve_precision(precision)
+    fields = [ident, [str(p) for p in items], boxes, [float(s) for s in scales], max_size, cfg.n_select,
+              cfg.clusters, cfg.kmeans_iters, cfg.p] + ([precision] if precision != "fp32" else [])
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
     d = Path(cache) / f"{name}__{key}" if cache is not None else None
     if d is not None and (d / "locals.json").is_file() and (d / "global.npy").is_file():
         return load_locals(d), np.load(d / "global.npy", allow_pickle=False)
     res, locs = extract_local(model, [str(p) if isinstance(p, Path) else p for p in items], cfg=cfg, scales=scales,
                               max_size=max_size, boxes=boxes, workers=workers, batch_size=batch_size,
-                              progress=progress, desc=name)
+                              progress=progress, desc=name, precision=precision)
     out = [locs.get(i) for i in range(len(items))]
     if d is None:
         return out, res.descriptors
@@ -384,7 +387,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
                   codebook: int = 4096, words: int = 0, temperature: float = 10.0, qe: int = 0,
                   alpha: float = 3.0, ivf: bool | None = None, shortlist: int | None = None,
                   fallback: str = "zero", pool: str = "unit", workers: int | None = None, progress: bool = True,
-                  pca_whiten: bool = False, net=None) -> np.ndarray:
+                  pca_whiten: bool = False, net=None, precision: str = "auto") -> np.ndarray:
     """Co-attention re-ranking of an evaluation set from its images (the eval re-ranker ``coattention``).
 
     The images' co-attention features are extracted at ``scales`` ("paper" = 1/(2 sqrt 2) .. sqrt 2, or
@@ -410,7 +413,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
         from glimr.io.images import list_images  # noqa: PLC0415
 
         s_items = sample_items(list_images(samples), n_samples)
-    kw = dict(workers=workers, ident=ident, progress=progress)
+    kw = dict(workers=workers, ident=ident, progress=progress, precision=precision)
     s_locs, _ = cached_locals(cache, "ca-samples", net, s_items, None, cfg, (1.0,), max_size, **kw)
     params = fit_params([x for x in s_locs if x is not None], cfg)
     q_locs, _ = cached_locals(cache, "ca-queries", net, list(query_paths), query_boxes, cfg, sc, max_size, **kw)
