@@ -59,9 +59,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    import io
+
     import numpy as np
 
     from glimr.extract.multiscale import extract, parse_scales
+    from glimr.io.atomic import atomic_write_bytes
     from glimr.io.images import list_images
 
     root = Path(args.images_dir)
@@ -76,10 +79,9 @@ def cmd_extract(args) -> int:
     ok = res.ok
     names = np.array([p.relative_to(root).as_posix() for p in files])[ok]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, names=names, descriptors=res.descriptors[ok].astype(np.float32))
-    tmp.replace(out)
+    buf = io.BytesIO()
+    np.savez(buf, names=names, descriptors=res.descriptors[ok].astype(np.float32))
+    atomic_write_bytes(out, buf.getvalue())
     print(f"{int(ok.sum())} descriptors of dim {model.dim} -> {out}"
           + (f" ({len(res.errors)} unreadable files skipped)" if res.errors else ""))
     return 0
