@@ -154,3 +154,11 @@ def test_a_multi_line_message_stays_on_one_line(capsys):
     assert run_command(fails, None, "extract") == 2
     assert _one_error_line(capsys.readouterr().err, "glimr extract: error:") == \
         "glimr extract: error: first line second line"
+
+
+@pytest.mark.parametrize("args", [["--size", "0"], ["--max-pixels", "-5"], ["--size", "1e9"]])
+def test_explain_numbers_are_checked_before_any_work(shared_data, tmp_path, capsys, args):
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as e:
+        main(["explain", str(shared_data / "ukbench" / "ukbench00000.jpg"), "--out", str(out), *args])
+    assert e.value.code == 2 and f"argument {args[0]}:" in capsys.readouterr().err and not out.exists()

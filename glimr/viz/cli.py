@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from glimr.config import positive_int
+
 EXAMPLE = """example:
   glimr explain photo.jpg --model glam-lite0 --out glam.png
   glimr explain photo.jpg --checkpoint runs/cider/best.safetensors --out cider.png --size 768
@@ -46,11 +48,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="trained checkpoint (NAME.safetensors + NAME.json); "
                                                       "overrides --model")
     p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="longest image side fed to the model (default 512, or the index's with --index)")
     p.add_argument("--weights", choices=("pretrained", "none"), default="pretrained",
                    help="backbone weights when no checkpoint is given (default pretrained)")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default: glimr's cap)")
+    p.add_argument("--max-pixels", type=positive_int, default=None, help="refuse larger images (default: glimr's cap)")
     p.set_defaults(func=run)
     return p
 
