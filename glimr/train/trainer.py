@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -498,7 +499,15 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     p = Path(out) / "checkpoints" / "latest.json"
     if not p.is_file():
         return None
-    d = Path(out) / "checkpoints" / json.loads(p.read_text())["dir"]
+    try:
+        name = json.loads(p.read_bytes().decode("utf-8"))["dir"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainConfigError(f"'{p}' is not a checkpoint pointer ({type(e).__name__}: {e}); resume from a step "
+                               "folder with --resume-from OUT/checkpoints/step-N, or delete it") from None
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise TrainConfigError(f"'{p}': 'dir' must name a folder in {p.parent}, not {name!r}; resume with "
+                               "--resume-from OUT/checkpoints/step-N, or delete it")
+    d = p.parent / name
     return d if d.is_dir() else None
 
 
@@ -731,6 +740,16 @@ class Trainer:
                 "trainable": self.trainable}
 
     def load_checkpoint(self, d: Path) -> None:
+        try:
+            self._load_checkpoint(d)
+        except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError, SafetensorError) as e:
+            if isinstance(e, TrainConfigError):
+                raise
+            raise TrainConfigError(f"cannot resume from '{d}': its files are incomplete or malformed "
+                                   f"({type(e).__name__}: {e}); resume from an older step folder with "
+                                   "--resume-from, or start again") from e
+
+    def _load_checkpoint(self, d: Path) -> None:
         saved = yaml.safe_load((d / "config.yaml").read_text())
         now = self.cfg.to_dict()
         diffs = [(s, k) for s, sec in now.items() if isinstance(sec, dict) for k in sec
