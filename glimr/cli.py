@@ -13,6 +13,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``glimr eval: error: argument --max-size: ... (see glimr eval --help)``
+    and exit status 2 (argparse prints the usage block first; the command's --help has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> None:
     from glimr.models.registry import DEFAULT_MODEL
 
@@ -215,11 +223,11 @@ def cmd_demo(args) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="glimr", formatter_class=_Formatter,
-                                 description="Instance-level image retrieval: find every image of the same "
-                                             "object or place.\n\nexample:\n  glimr demo\n"
-                                             "  glimr index build photos/ --index my-index\n"
-                                             "  glimr search my-index query.jpg --top 10")
+    ap = Parser(prog="glimr", formatter_class=_Formatter,
+                description="Instance-level image retrieval: find every image of the same "
+                            "object or place.\n\nexample:\n  glimr demo\n"
+                            "  glimr index build photos/ --index my-index\n"
+                            "  glimr search my-index query.jpg --top 10")
     ap.add_argument("--version", action="version", version=f"glimr {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -387,7 +395,7 @@ def run_command(func, args, command: str) -> int:
 def run_subcommand(register, argv: list[str] | None, description: str) -> int:
     """`python -m glimr.X` entry of a subcommand family: parse with just its ``register`` and run it like
     :func:`main` does (one error line, never a traceback)."""
-    parser = argparse.ArgumentParser(prog="glimr", description=description)
+    parser = Parser(prog="glimr", description=description)
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return run_command(args.func, args, args.command)

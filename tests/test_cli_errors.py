@@ -90,7 +90,9 @@ def test_eval_numbers_are_checked_before_any_work(tiny_set, tmp_path, capsys, ar
     out = tmp_path / "m.json"
     with pytest.raises(SystemExit) as e:
         main(["eval", str(tiny_set), "--json", str(out), "--cache", str(tmp_path / "cache"), *args])
-    assert e.value.code == 2 and what in capsys.readouterr().err
+    assert e.value.code == 2
+    line = _one_error_line(capsys.readouterr().err, f"glimr eval: error: {what}")
+    assert line.endswith("(see glimr eval --help)")
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
@@ -161,4 +163,13 @@ def test_explain_numbers_are_checked_before_any_work(shared_data, tmp_path, caps
     out = tmp_path / "x.png"
     with pytest.raises(SystemExit) as e:
         main(["explain", str(shared_data / "ukbench" / "ukbench00000.jpg"), "--out", str(out), *args])
-    assert e.value.code == 2 and f"argument {args[0]}:" in capsys.readouterr().err and not out.exists()
+    assert e.value.code == 2 and not out.exists()
+    _one_error_line(capsys.readouterr().err, f"glimr explain: error: argument {args[0]}:")
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["nosuch"])
+    assert e.value.code == 2
+    line = _one_error_line(capsys.readouterr().err, "glimr: error: argument COMMAND: invalid choice: 'nosuch'")
+    assert "eval" in line and line.endswith("(see glimr --help)")

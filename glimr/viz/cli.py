@@ -96,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_coattention(args: argparse.Namespace) -> int:
     from glimr.extract.multiscale import parse_box
+    from glimr.index.store import IndexStoreError
     from glimr.io.images import ImageError
     from glimr.models.backbones import WeightsError
     from glimr.models.checkpoint import CheckpointError
-    from glimr.index.store import IndexStoreError
     from glimr.viz.coattention_maps import render_coattention
 
     try:
@@ -134,10 +134,9 @@ def _default_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glimr")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from glimr.cli import run_subcommand
+
+    return run_subcommand(register, argv, "glimr explain")
 
 
 if __name__ == "__main__":
