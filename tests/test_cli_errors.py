@@ -173,3 +173,13 @@ def test_an_unknown_command_is_one_line(capsys):
     assert e.value.code == 2
     line = _one_error_line(capsys.readouterr().err, "glimr: error: argument COMMAND: invalid choice: 'nosuch'")
     assert "eval" in line and line.endswith("(see glimr --help)")
+
+
+@pytest.mark.parametrize(("spec", "what"), [("alpha-qe:alpha=nan", "alpha=nan is not a finite number"),
+                                            ("alpha-qe:alpha=-inf", "alpha=-inf is not a finite number"),
+                                            ("nosuch", "unknown re-ranker 'nosuch'"),
+                                            ("alpha-qe:k", "parameters are key=value")])
+def test_eval_rerank_specs_are_checked_before_any_work(tiny_set, tmp_path, capsys, spec, what):
+    assert main(["eval", str(tiny_set), "--rerank", spec, "--cache", str(tmp_path / "cache"), "--quiet"]) == 2
+    assert what in _one_error_line(capsys.readouterr().err, "glimr eval: error: ")
+    assert not (tmp_path / "cache").exists()

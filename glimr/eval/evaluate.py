@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -169,6 +170,21 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
     known = available_rerankers()
     if name not in known:
         raise ValueError(f"unknown re-ranker {name!r}: choose one of {', '.join(sorted(known))}")
+    for k, v in params.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"re-ranker spec {spec!r}: {k}={v} is not a finite number")
+    import inspect  # noqa: PLC0415
+
+    try:
+        sig = inspect.signature(known[name])
+    except (TypeError, ValueError):
+        return name, params
+    takes = [p.name for p in list(sig.parameters.values())[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        bad = sorted(set(params) - set(takes))
+        if bad:
+            raise ValueError(f"re-ranker {name!r} takes no parameter {', '.join(bad)}: its parameters are "
+                             f"{', '.join(takes) or 'none'}")
     return name, params
 
 
