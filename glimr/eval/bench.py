@@ -154,7 +154,7 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
         parse_rerank(r)
     plots = raw.get("plots") or {}
     if not isinstance(plots, dict):
-        raise ValueError(f"bench config {path}: 'plots' must be a mapping, not {plots!r}")
+        raise ValueError(f"bench config {path}: 'plots' must be a mapping, not {plots!r}")  # noqa: TRY004
     precision = str(raw.get("precision", "auto"))
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"bench config {path}: precision must be auto, fp32 or bf16, not {precision!r}")

@@ -26,6 +26,7 @@ line in :data:`RERANKERS` below.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -173,8 +174,6 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
     for k, v in params.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"re-ranker spec {spec!r}: {k}={v} is not a finite number")
-    import inspect  # noqa: PLC0415
-
     try:
         sig = inspect.signature(known[name])
     except (TypeError, ValueError):
@@ -414,7 +413,6 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
     images are the same (UKBench) and the scale sets differ, they are extracted twice. ``precision``: auto,
     fp32 or bf16 (glimr.models.precision); bf16 descriptors are cached under their own key."""
     from glimr.extract.multiscale import extract  # noqa: PLC0415
-    from glimr.models.precision import resolve_precision  # noqa: PLC0415
 
     query_scales = tuple(scales) if query_scales is None else tuple(query_scales)
     precision = resolve_precision(precision, _net_device(net))

@@ -359,7 +359,7 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
     import json  # noqa: PLC0415
 
     from glimr.extract.local import extract_local, load_locals, save_locals  # noqa: PLC0415
-    from glimr.models.precision import resolve_precision  # noqa: PLC0415
+    from glimr.models.precision import resolve_precision
 
     precision = resolve_precision(precision)
     fields = [ident, [str(p) for p in items], boxes, [float(s) for s in scales], max_size, cfg.n_select,
