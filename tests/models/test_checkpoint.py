@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from glimr.models.checkpoint import CheckpointError, checkpoint_paths, config_path, load_model, save_model
+from glimr.models.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    config_path,
+    load_model,
+    read_config,
+    save_model,
+)
 
 
 def test_the_sidecar_of_a_multi_dot_name_keeps_the_whole_name(tmp_path):
@@ -92,3 +102,48 @@ def test_a_missing_sidecar_names_the_missing_file(lite0_gem, tmp_path):
     js.unlink()
     with pytest.raises(CheckpointError, match=r"ck\.v1\.json' not found"):
         load_model(st)
+
+
+# ------------------------------------------------------------------------------------ property-based
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=True) | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                    max_leaves=10)
+
+
+PARTIAL = st.fixed_dictionaries({"prefixes": st.just(["head."]), "base_weights": st.sampled_from(["pretrained", "x"])})
+GOOD_VALUES = {
+    "name": st.sampled_from(["gem-lite0", "cider-lite0", ""]),
+    "head_kwargs": st.just({}) | st.dictionaries(st.sampled_from(["dim", "p"]), st.integers(1, 64)),
+    "partial": st.none() | PARTIAL,
+    "pca_whiten": st.none() | st.fixed_dictionaries({"in_dim": st.integers(-1, 2048), "dim": st.integers(-1, 64)}),
+    "query_scales": st.none() | st.lists(st.floats(-1, 3) | st.integers(0, 2), max_size=3),
+}
+
+
+@st.composite
+def sidecars(draw):
+    """Checkpoint configs near real ones: the real keys with good or random values."""
+    doc = {}
+    for key, good in GOOD_VALUES.items():
+        choice = draw(st.sampled_from(["good"] * 4 + ["json", "absent"]))
+        if choice != "absent":
+            doc[key] = draw(good if choice == "good" else JSON)
+    return doc
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=sidecars() | JSON)
+def test_any_sidecar_is_a_checked_config_or_a_checkpoint_error(tmp_path, doc):
+    js = tmp_path / "m.v3.json"
+    js.write_text(json.dumps(doc))
+    try:
+        cfg = read_config(js)
+    except CheckpointError as e:
+        assert "m.v3.json" in str(e)
+        return
+    assert isinstance(cfg, dict) and isinstance(cfg["name"], str) and cfg["name"]
+    assert isinstance(cfg.get("head_kwargs", {}), dict)
+    pw = cfg.get("pca_whiten")
+    assert pw is None or (pw["in_dim"] >= 1 and pw["dim"] >= 1)
+    qs = cfg.get("query_scales")
+    assert qs is None or (qs and all(math.isfinite(s) and s > 0 for s in qs))
