@@ -13,6 +13,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``glimr eval: error: argument --max-size: ... (see glimr eval --help)``
+    and exit status 2 (argparse prints the usage block first; the command's --help has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> None:
     from glimr.models.registry import DEFAULT_MODEL
 
@@ -62,9 +70,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    import io
+
     import numpy as np
 
     from glimr.extract.multiscale import extract, parse_scales
+    from glimr.io.atomic import atomic_write_bytes
     from glimr.io.images import list_images
 
     root = Path(args.images_dir)
@@ -79,10 +90,9 @@ def cmd_extract(args) -> int:
     ok = res.ok
     names = np.array([p.relative_to(root).as_posix() for p in files])[ok]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, names=names, descriptors=res.descriptors[ok].astype(np.float32))
-    tmp.replace(out)
+    buf = io.BytesIO()
+    np.savez(buf, names=names, descriptors=res.descriptors[ok].astype(np.float32))
+    atomic_write_bytes(out, buf.getvalue())
     print(f"{int(ok.sum())} descriptors of dim {model.dim} -> {out}"
           + (f" ({len(res.errors)} unreadable files skipped)" if res.errors else ""))
     return 0
@@ -216,11 +226,11 @@ def cmd_demo(args) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="glimr", formatter_class=_Formatter,
-                                 description="Instance-level image retrieval: find every image of the same "
-                                             "object or place.\n\nexample:\n  glimr demo\n"
-                                             "  glimr index build photos/ --index my-index\n"
-                                             "  glimr search my-index query.jpg --top 10")
+    ap = Parser(prog="glimr", formatter_class=_Formatter,
+                description="Instance-level image retrieval: find every image of the same "
+                            "object or place.\n\nexample:\n  glimr demo\n"
+                            "  glimr index build photos/ --index my-index\n"
+                            "  glimr search my-index query.jpg --top 10")
     ap.add_argument("--version", action="version", version=f"glimr {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -336,35 +346,67 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run_subcommand(register, argv: list[str] | None, description: str) -> int:
-    """`python -m glimr.X` entry of a subcommand family: parse with just its ``register``, run it, and turn
-    the usual user errors into "error: ..." and exit status 2."""
-    parser = argparse.ArgumentParser(prog="glimr", description=description)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's or the data's, not glimr's: one line "glimr CMD: error: ...", exit 2."""
+    from glimr.data.revisited import GroundTruthError
+    from glimr.eval.evaluate import EvalError
     from glimr.index.store import IndexStoreError
     from glimr.io.images import ImageError
     from glimr.models.backbones import WeightsError
     from glimr.models.checkpoint import CheckpointError
+    from glimr.train.cache import CacheError
+
+    return (ImageError, IndexStoreError, WeightsError, CheckpointError, EvalError, GroundTruthError, CacheError,
+            ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    return text
+
+
+def run_command(func, args, command: str) -> int:
+    """Run ``func(args)``: its exit status, or ONE error line on stderr and a non-zero status, never a traceback.
+
+    User and data errors (:func:`_user_errors`): ``glimr CMD: error: MESSAGE``, status 2. Anything else is a
+    bug: ``glimr CMD: internal error: TYPE: MESSAGE (set GLIMR_DEBUG=1 for the traceback)``, status 1; with
+    ``GLIMR_DEBUG=1`` in the environment it is raised with its traceback."""
+    import os
 
     try:
-        return int(args.func(args) or 0)
-    except (ImageError, IndexStoreError, WeightsError, CheckpointError, ValueError, FileNotFoundError,
-            NotADirectoryError) as e:
-        print(f"glimr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; an index build resumes where it stopped when run again", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `glimr ... | head`: the reader left; nothing more to say
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (keeps the interpreter's flush at exit quiet)
+        except OSError:
+            pass
+        return 141
+    except Exception as e:
+        if os.environ.get("GLIMR_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, _user_errors()):
+            print(f"glimr {command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"glimr {command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set GLIMR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def run_subcommand(register, argv: list[str] | None, description: str) -> int:
+    """`python -m glimr.X` entry of a subcommand family: parse with just its ``register`` and run it like
+    :func:`main` does (one error line, never a traceback)."""
+    parser = Parser(prog="glimr", description=description)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, args.command)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_extract_writes_names_and_normalised_descriptors(shared_data, tmp_path, 
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "d.npz"
     assert main(["extract", str(imgs), "--out", str(out), "--scales", "1,0.7071,1.4142", "--max-size", "200",
-                 "--workers", "0"]) == 0
+                 "--workers", "0", "--precision", "fp32"]) == 0
     assert "1 unreadable" in capsys.readouterr().out
     with np.load(out, allow_pickle=False) as z:
         names, d = list(z["names"]), z["descriptors"]

@@ -1,17 +1,23 @@
 """Generic retrieval ground truth in a folder: ``gnd.json`` + ``query/`` + ``db/`` (the Clutter-UKB layout).
 
 ``gnd.json``: ``{"query": [names in query/], "db": [names in db/], "positives": [[db indices] per query],
-"junk": [[db indices] per query] (optional), "bbx": [[x0, y0, x1, y1] or null per query] (optional)}``;
-other keys (e.g. ``note``) are kept in ``extra``.
+"junk": [[db indices] per query] (optional), "bbx": [[x0, y0, x1, y1] or null per query] (optional), "kappas": [k of mP@k] (optional)}``;
+other keys (e.g. ``note``) are kept in ``extra``. Names are relative to ``query/`` and ``db/`` (subfolders
+allowed; no absolute paths, no ``..``). A malformed file raises :class:`GroundTruthError` (a ``ValueError``)
+naming the file and the entry.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-__all__ = ["GndJsonDataset", "is_gnd_json_folder", "load_gnd_json"]
+from glimr.data.revisited import GroundTruthError
+
+__all__ = ["GndJsonDataset", "GroundTruthError", "is_gnd_json_folder", "load_gnd_json"]
 
 
 @dataclass
@@ -46,41 +52,105 @@ def is_gnd_json_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "gnd.json").is_file()
 
 
+def _fail(gnd: Path, what: str) -> GroundTruthError:
+    return GroundTruthError(f"{gnd}: {what}. Fix gnd.json (format: glimr/data/gndjson.py) or rebuild the dataset "
+                            "folder")
+
+
+def _names(value, key: str, gnd: Path) -> list[str]:
+    """A list of image names relative to ``query/`` or ``db/``: non-empty strings, no absolute path, no '..'."""
+    if not isinstance(value, list) or not value:
+        raise _fail(gnd, f"'{key}' must be a non-empty list of image names, not {_short(value)}")
+    out = []
+    for i, n in enumerate(value):
+        if not isinstance(n, str) or not n.strip():
+            raise _fail(gnd, f"{key}[{i}] must be an image name (a non-empty string), not {_short(n)}")
+        pure = PurePosixPath(n.replace("\\", "/"))
+        if "\0" in n or pure.is_absolute() or PureWindowsPath(n).drive or ".." in pure.parts:
+            raise _fail(gnd, f"{key}[{i}] {n!r} leaves the dataset folder: names are relative to {key}/, "
+                        "without '..' or an absolute path")
+        out.append(n)
+    return out
+
+
 def _index_list(value, n_db: int, what: str, gnd: Path, n_q: int) -> list[list[int]]:
     if not isinstance(value, list) or len(value) != n_q:
-        raise ValueError(f"{gnd}: '{what}' must be a list with one list of db indices per query ({n_q})")
+        raise _fail(gnd, f"'{what}' must be a list with one list of db indices per query ({n_q}), "
+                    f"not {_short(value)}")
     out = []
     for i, idx in enumerate(value):
         if not isinstance(idx, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in idx):
-            raise ValueError(f"{gnd}: {what}[{i}] must be a list of integers")
+            raise _fail(gnd, f"{what}[{i}] must be a list of integers (db indices), not {_short(idx)}")
         bad = [j for j in idx if j < 0 or j >= n_db]
         if bad:
-            raise ValueError(f"{gnd}: {what}[{i}] has indices outside 0..{n_db - 1}: {bad[:5]}")
+            raise _fail(gnd, f"{what}[{i}] has indices outside 0..{n_db - 1}: {bad[:5]}")
+        if len(set(idx)) != len(idx):
+            twice = sorted(j for j, c in Counter(idx).items() if c > 1)
+            raise _fail(gnd, f"{what}[{i}] lists db indices more than once: {twice[:5]}")
         out.append(list(idx))
     return out
 
 
+def _boxes(value, n_q: int, gnd: Path) -> list[tuple[float, float, float, float] | None]:
+    if not isinstance(value, list) or len(value) != n_q:
+        raise _fail(gnd, f"'bbx' must be a list with one entry per query ({n_q}), not {_short(value)}")
+    out: list[tuple[float, float, float, float] | None] = []
+    for i, b in enumerate(value):
+        if b is None:
+            out.append(None)
+            continue
+        if (not isinstance(b, list) or len(b) != 4
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+            raise _fail(gnd, f"bbx[{i}] must be null or [x0, y0, x1, y1] (4 finite numbers), not {_short(b)}")
+        x0, y0, x1, y1 = (float(v) for v in b)
+        if x1 <= x0 or y1 <= y0:
+            raise _fail(gnd, f"bbx[{i}] {b} is empty (needs x1 > x0 and y1 > y0)")
+        out.append((x0, y0, x1, y1))
+    return out
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def load_gnd_json(folder: str | os.PathLike, *, check_files: bool = True) -> GndJsonDataset:
-    """Read ``folder/gnd.json`` and resolve ``query/`` and ``db/`` paths (checked to exist by default)."""
+    """Read ``folder/gnd.json`` and resolve ``query/`` and ``db/`` paths (checked to exist by default).
+
+    Every entry is checked: names (relative, inside ``query/`` and ``db/``), index lists (integers in range,
+    one list per query, no repeats, no index both positive and junk), boxes and ``kappas``; a malformed file
+    raises :class:`GroundTruthError` naming the file and the entry."""
     root = Path(folder)
     gnd = root / "gnd.json"
     if not gnd.is_file():
         raise FileNotFoundError(f"{gnd} not found: a gnd.json dataset folder holds gnd.json, query/ and db/")
     try:
-        data = json.loads(gnd.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{gnd}: not readable JSON ({e})") from e
+        data = json.loads(gnd.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise GroundTruthError(f"{gnd}: cannot read it ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise _fail(gnd, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (ValueError, RecursionError) as e:
+        raise _fail(gnd, f"not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise _fail(gnd, f"the top level must be an object with query, db, positives, not a {type(data).__name__}")
     for key in ("query", "db", "positives"):
         if key not in data:
-            raise ValueError(f"{gnd}: missing key '{key}' (needs query, db, positives)")
-    qn, dn = [str(s) for s in data["query"]], [str(s) for s in data["db"]]
+            raise _fail(gnd, f"missing key '{key}' (needs query, db, positives)")
+    qn, dn = _names(data["query"], "query", gnd), _names(data["db"], "db", gnd)
     pos = _index_list(data["positives"], len(dn), "positives", gnd, len(qn))
     junk = _index_list(data["junk"], len(dn), "junk", gnd, len(qn)) if data.get("junk") is not None else None
-    boxes = None
-    if data.get("bbx") is not None:
-        if len(data["bbx"]) != len(qn):
-            raise ValueError(f"{gnd}: 'bbx' must have one entry per query")
-        boxes = [None if b is None else tuple(float(v) for v in b) for b in data["bbx"]]
+    if junk is not None:
+        for i, (p, j) in enumerate(zip(pos, junk)):
+            both = sorted(set(p) & set(j))
+            if both:
+                raise _fail(gnd, f"query {i}: db indices {both[:5]} are both positive and junk")
+    boxes = _boxes(data["bbx"], len(qn), gnd) if data.get("bbx") is not None else None
+    kappas = data.get("kappas")
+    if kappas is not None and (not isinstance(kappas, list) or not kappas or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kappas)):
+        raise _fail(gnd, f"'kappas' must be a non-empty list of positive integers (the k of mP@k), not "
+                    f"{_short(kappas)}")
     qp = [root / "query" / n for n in qn]
     dp = [root / "db" / n for n in dn]
     if check_files:

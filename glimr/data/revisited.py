@@ -109,7 +109,10 @@ def load_gnd(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict) or not {"qimlist", "imlist", "gnd"} <= set(obj):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise GroundTruthError(f"{path}: expected a dict with 'qimlist', 'imlist', 'gnd'; got {keys}")
-    qimlist, imlist, gnd = list(obj["qimlist"]), list(obj["imlist"]), list(obj["gnd"])
+    qimlist, imlist = _name_list(obj["qimlist"], "qimlist", path), _name_list(obj["imlist"], "imlist", path)
+    gnd = obj["gnd"]
+    if not isinstance(gnd, list | tuple):
+        raise GroundTruthError(f"{path}: 'gnd' must be a list with one dict per query, not a {type(gnd).__name__}")
     if len(gnd) != len(qimlist):
         raise GroundTruthError(f"{path}: {len(gnd)} ground-truth entries for {len(qimlist)} queries")
     n_db = len(imlist)
@@ -120,19 +123,56 @@ def load_gnd(path: str | os.PathLike) -> dict:
         e = dict(g)
         for key in ("easy", "hard", "junk", "ok", "good"):
             if key in e:
-                a = np.asarray(e[key], dtype=np.int64).ravel()
-                if a.size and (a.min() < 0 or a.max() >= n_db):
-                    raise GroundTruthError(f"{path}: gnd[{q}]['{key}'] has indices outside 0..{n_db - 1}")
-                e[key] = a
+                e[key] = _index_array(e[key], f"gnd[{q}]['{key}']", n_db, path)
         if "bbx" in e and e["bbx"] is not None:
-            b = tuple(float(v) for v in np.asarray(e["bbx"], dtype=np.float64).ravel())
-            if len(b) != 4:
-                raise GroundTruthError(f"{path}: gnd[{q}]['bbx'] must have 4 numbers, has {len(b)}")
-            e["bbx"] = b
+            e["bbx"] = _bbx(e["bbx"], f"gnd[{q}]['bbx']", path)
         out_gnd.append(e)
     out = dict(obj)
     out.update(qimlist=[str(s) for s in qimlist], imlist=[str(s) for s in imlist], gnd=out_gnd)
     return out
+
+
+def _name_list(value, key: str, path: Path) -> list[str]:
+    """qimlist / imlist: a list (or 1-D array) of image names (strings)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not all(isinstance(n, str) and n for n in value):
+        what = type(value).__name__ if not isinstance(value, list | tuple) else "a list holding non-strings"
+        raise GroundTruthError(f"{path}: '{key}' must be a list of image names, not {what}; "
+                               "re-download the official file")
+    return [str(n) for n in value]
+
+
+def _index_array(value, what: str, n_db: int, path: Path) -> np.ndarray:
+    """One list of database indices: 1-D, integers (integral floats accepted), inside 0..n_db-1."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError) as e:    # ragged nesting
+        raise GroundTruthError(f"{path}: {what} is not a list of indices ({e})") from e
+    if a.ndim > 1 or a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+                                              or a.size == 0):
+        raise GroundTruthError(f"{path}: {what} must be a flat list of integer indices, not {a.dtype} "
+                               f"with shape {a.shape}")
+    a = a.ravel()
+    if a.size and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a) & (a == np.round(a))):
+        raise GroundTruthError(f"{path}: {what} holds non-integer indices")
+    a = a.astype(np.int64) if a.size else np.zeros(0, np.int64)
+    if a.size and (a.min() < 0 or a.max() >= n_db):
+        raise GroundTruthError(f"{path}: {what} has indices outside 0..{n_db - 1}")
+    return a
+
+
+def _bbx(value, what: str, path: Path) -> tuple[float, float, float, float]:
+    try:
+        b = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise GroundTruthError(f"{path}: {what} must be 4 numbers x0, y0, x1, y1 ({e})") from e
+    if b.size != 4 or b.ndim > 1:
+        raise GroundTruthError(f"{path}: {what} must have 4 numbers, has shape {b.shape}")
+    x0, y0, x1, y1 = (float(v) for v in b)
+    if not np.all(np.isfinite(b)) or x1 <= x0 or y1 <= y0:
+        raise GroundTruthError(f"{path}: {what} {tuple(b.tolist())} is not a box (finite, x1 > x0, y1 > y0)")
+    return x0, y0, x1, y1
 
 
 def find_gnd_file(name: str, root: str | os.PathLike) -> Path:

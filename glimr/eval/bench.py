@@ -9,6 +9,7 @@ Config (YAML; relative paths are relative to the working directory)::
     batch_size: 16
     workers: 2
     device: auto                             # auto = the GPU if there is one
+    precision: auto                          # auto (bf16 where the hardware has native bf16) | fp32 | bf16
     datasets:                                # a name or folder, or a mapping
       - bench-data/clutter-dev-medium
       - {name: roxford5k, root: data/datasets, label: ROxf}
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glimr.config import check_number, nonnegative_int, positive_int
 from glimr.eval.evaluate import (
     EvalSet,
     build_net,
@@ -50,6 +52,7 @@ from glimr.eval.evaluate import (
     parse_scales_arg,
     score_descriptors,
 )
+from glimr.io.atomic import atomic_write_bytes
 
 __all__ = ["BenchConfig", "load_config", "run_bench", "render_markdown", "main_columns"]
 
@@ -88,6 +91,7 @@ class BenchConfig:
     batch_size: int = 16
     workers: int = 2
     device: str = "auto"
+    precision: str = "auto"            # auto | fp32 | bf16 (glimr.models.precision)
     grids: bool = True
     grid_queries: int = 6
     grid_topk: int = 8
@@ -114,8 +118,8 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
         raise ValueError(f"bench config {path}: invalid YAML ({e})") from e
     if not isinstance(raw, dict):
         raise ValueError(f"bench config {path}: expected a mapping at the top level")
-    known = {"title", "output", "cache", "max_size", "batch_size", "workers", "device", "datasets", "models",
-             "scales", "rerank", "plots"}
+    known = {"title", "output", "cache", "max_size", "batch_size", "workers", "device", "precision", "datasets",
+             "models", "scales", "rerank", "plots"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"bench config {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -149,16 +153,27 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
     for r in reranks:
         parse_rerank(r)
     plots = raw.get("plots") or {}
+    if not isinstance(plots, dict):
+        raise ValueError(f"bench config {path}: 'plots' must be a mapping, not {plots!r}")  # noqa: TRY004
+    precision = str(raw.get("precision", "auto"))
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"bench config {path}: precision must be auto, fp32 or bf16, not {precision!r}")
+    try:
+        max_size = check_number("max_size", raw.get("max_size"), positive_int, optional=True)
+        batch_size = check_number("batch_size", raw.get("batch_size", 16), positive_int)
+        workers = check_number("workers", raw.get("workers", 2), nonnegative_int)
+        grid_queries = check_number("plots.grid_queries", plots.get("grid_queries", 6), positive_int)
+        grid_topk = check_number("plots.grid_topk", plots.get("grid_topk", 8), positive_int)
+    except ValueError as e:
+        raise ValueError(f"bench config {path}: {e}") from None
     out = output or raw.get("output") or f"bench-results/{path.stem}"
     cache_dir = cache or raw.get("cache")
     return BenchConfig(title=str(raw.get("title") or path.stem), output=Path(out), datasets=datasets,
                        models=models,
                        scales=scales, rerank=reranks, cache=Path(cache_dir) if cache_dir else None,
-                       max_size=raw.get("max_size"), batch_size=int(raw.get("batch_size", 16)),
-                       workers=int(raw.get("workers", 2)), device=str(raw.get("device", "auto")),
-                       grids=bool(plots.get("grids", True)),
-                       grid_queries=int(plots.get("grid_queries", 6)),
-                       grid_topk=int(plots.get("grid_topk", 8)),
+                       max_size=max_size, batch_size=batch_size, workers=workers,
+                       device=str(raw.get("device", "auto")), precision=precision,
+                       grids=bool(plots.get("grids", True)), grid_queries=grid_queries, grid_topk=grid_topk,
                        source=path, raw=raw)
 
 
@@ -418,7 +433,8 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
                 max_size = int(dspec.max_size or config.max_size or es.default_max_size)
                 desc = extract_descriptors(net, es, scales=sc, max_size=max_size,
                                            batch_size=config.batch_size, workers=config.workers,
-                                           progress=progress, cache_dir=config.cache, model_id=model_id)
+                                           progress=progress, cache_dir=config.cache, model_id=model_id,
+                                           precision=config.precision)
                 for rr in config.rerank:
                     t0 = time.perf_counter()
                     metrics, notes, ranks = score_descriptors(es, desc, rr)
@@ -472,8 +488,8 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
                                  pdir / f"grid_{_slug(dlabel)}__{_slug(name)}.jpg")
             result["plots"].append({"dataset": dlabel, "what": f"{dlabel}: ranked results of {name}",
                                     "file": str(f.relative_to(out))})
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(render_markdown(result))
+    atomic_write_bytes(out / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "results.md", render_markdown(result).encode())
     _log(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}"
          + (f" and {len(result['plots'])} plots in {out / 'plots'}" if plots else ""), quiet)
     return result

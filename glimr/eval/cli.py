@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from glimr.config import nonnegative_int, positive_int
+
 EVAL_EXAMPLES = """\
 examples:
   glimr eval roxford5k --root data/datasets --model gem-lite0 --scales 3 --json roxf.json
@@ -57,7 +59,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--query-scales", nargs="+", default=None,
                    help="the queries' scale set, same syntax as --scales, e.g. 1,0.7071,0.5 (default: the "
                         "checkpoint's recommended query_scales if it has some, else --scales)")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--max-size", type=positive_int, default=None,
                    help="longest image side (default: 1024 for Revisited/Oxford as in the papers, "
                         "512 otherwise)")
     p.add_argument("--rerank", default="none", help='re-ranker: "none" or "NAME[:key=value,...]"')
@@ -69,9 +71,11 @@ def _add_eval(sub) -> argparse.ArgumentParser:
                    help="also write the metrics (and settings) to FILE")
     p.add_argument("--cache", help="folder to cache descriptors in (reused when nothing changed)")
     p.add_argument("--device", default="auto", help='"auto" (GPU if any), "cpu", "cuda", "cuda:1"...')
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 where the CPU/GPU has native bf16, else fp32 (recorded in the report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
     return p
@@ -107,7 +111,7 @@ def run_eval(args) -> int:
                       max_size=args.max_size, rerank=args.rerank, crop=args.crop,
                       distractors=args.distractors,
                       batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
-                      cache_dir=args.cache, device=args.device)
+                      cache_dir=args.cache, device=args.device, precision=args.precision)
     print(report.table())
     if args.json_path:
         report.write_json(args.json_path)

@@ -26,7 +26,10 @@ line in :data:`RERANKERS` below.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import io
 import json
+import math
 import os
 import time
 import warnings
@@ -41,6 +44,8 @@ from glimr.data.revisited import DATASETS as REVISITED_DATASETS
 from glimr.data.revisited import load_revisited
 from glimr.data.ukbench import load_ukbench
 from glimr.eval import metrics as M
+from glimr.io.atomic import atomic_write_bytes
+from glimr.models.precision import resolve_precision
 
 __all__ = [
     "RERANKERS",
@@ -166,6 +171,19 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
     known = available_rerankers()
     if name not in known:
         raise ValueError(f"unknown re-ranker {name!r}: choose one of {', '.join(sorted(known))}")
+    for k, v in params.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"re-ranker spec {spec!r}: {k}={v} is not a finite number")
+    try:
+        sig = inspect.signature(known[name])
+    except (TypeError, ValueError):
+        return name, params
+    takes = [p.name for p in list(sig.parameters.values())[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        bad = sorted(set(params) - set(takes))
+        if bad:
+            raise ValueError(f"re-ranker {name!r} takes no parameter {', '.join(bad)}: its parameters are "
+                             f"{', '.join(takes) or 'none'}")
     return name, params
 
 
@@ -377,22 +395,33 @@ def model_identity(net, name: str | None, checkpoint) -> dict:
             "config": getattr(net, "config", None), "device": device}
 
 
+def _net_device(net) -> str:
+    try:
+        return str(next(net.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
+
+
 def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_size: int,
                         batch_size: int = 16, workers: int | None = None, progress: bool = True,
                         cache_dir: str | os.PathLike | None = None,
                         model_id: dict | None = None,
-                        query_scales: Sequence[float] | None = None) -> Descriptors:
+                        query_scales: Sequence[float] | None = None, precision: str = "auto") -> Descriptors:
     """Global descriptors of the queries (cropped to their boxes) at ``query_scales`` (default: ``scales``)
     and of the database at ``scales``, cached on disk when ``cache_dir`` is given (keyed by model,
     checkpoint file, scales, query scales, max size, image lists and boxes). When the query and database
-    images are the same (UKBench) and the scale sets differ, they are extracted twice."""
+    images are the same (UKBench) and the scale sets differ, they are extracted twice. ``precision``: auto,
+    fp32 or bf16 (glimr.models.precision); bf16 descriptors are cached under their own key."""
     from glimr.extract.multiscale import extract  # noqa: PLC0415
 
     query_scales = tuple(scales) if query_scales is None else tuple(query_scales)
+    precision = resolve_precision(precision, _net_device(net))
     cache_file = None
     if cache_dir is not None:
-        key = descriptor_cache_key(model_id or model_identity(net, None, None), evalset, scales, max_size,
-                                   query_scales)
+        mid = model_id or model_identity(net, None, None)
+        if precision != "fp32":
+            mid = {**mid, "precision": precision}
+        key = descriptor_cache_key(mid, evalset, scales, max_size, query_scales)
         mname = str((model_id or {}).get("name") or getattr(net, "name", "model")).replace("/", "_")
         cache_file = Path(cache_dir) / f"{evalset.name}__{mname}__{key}.npz"
         if cache_file.is_file():
@@ -402,7 +431,7 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
                                    db_errors={int(k): v for k, v in errs["db"].items()},
                                    seconds=float(z["seconds"]), cached=True)
     t0 = time.perf_counter()
-    kw = dict(max_size=max_size, batch_size=batch_size, workers=workers, progress=progress)
+    kw = dict(max_size=max_size, batch_size=batch_size, workers=workers, progress=progress, precision=precision)
     db_res = extract(net, [str(p) for p in evalset.db_paths], scales=tuple(scales),
                      desc=f"{evalset.name} database", **kw)
     if evalset.same_images and _same_scales(query_scales, scales):
@@ -415,12 +444,11 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
                       q_errors=dict(q_res.errors), db_errors=dict(db_res.errors),
                       seconds=time.perf_counter() - t0)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}.npz")
         errs = json.dumps({"q": {str(k): v for k, v in out.q_errors.items()},
                            "db": {str(k): v for k, v in out.db_errors.items()}})
-        np.savez(tmp, q=out.q, db=out.db, errors=np.array(errs), seconds=np.array(out.seconds))
-        os.replace(tmp, cache_file)
+        buf = io.BytesIO()
+        np.savez(buf, q=out.q, db=out.db, errors=np.array(errs), seconds=np.array(out.seconds))
+        atomic_write_bytes(cache_file, buf.getvalue())
     return out
 
 
@@ -458,11 +486,7 @@ class EvalReport:
         return {**self.metrics, "meta": {**self.meta, "notes": self.notes}}
 
     def write_json(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     def table(self) -> str:
         m = self.meta
@@ -524,7 +548,8 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
              weights: str = "pretrained", net=None, scales="1", query_scales=None,
              max_size: int | None = None, rerank: str = "none",
              crop: bool = True, distractors=None, images=None, batch_size: int = 16, workers: int | None = None,
-             progress: bool = True, cache_dir=None, keep: bool = False, device: str = "auto") -> EvalReport:
+             progress: bool = True, cache_dir=None, keep: bool = False, device: str = "auto",
+             precision: str = "auto") -> EvalReport:
     """Evaluate a model on a dataset under its published protocol.
 
     ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence), the database's scales;
@@ -532,7 +557,8 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     ``net.config["query_scales"]`` when its checkpoint has one, else ``scales``); ``max_size``: longest image side
     (default 1024 for Revisited/Oxford as in the papers, 512 otherwise); ``rerank``: a re-ranker spec;
     ``net``: an already built model (else built from ``model``/``checkpoint`` on ``device``: "auto" = the
-    GPU if there is one); ``keep``: keep the rankings and descriptors in the report.
+    GPU if there is one); ``keep``: keep the rankings and descriptors in the report; ``precision``: auto (bf16
+    where the hardware has native bf16, else fp32), fp32 or bf16, recorded in the report.
     """
     parse_rerank(rerank)  # fail early on a bad spec
     evalset = dataset if isinstance(dataset, EvalSet) else load_eval_set(
@@ -547,12 +573,13 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     qsc = parse_scales_arg(query_scales)
     desc = extract_descriptors(net, evalset, scales=sc, max_size=max_size, batch_size=batch_size,
                                workers=workers, progress=progress, cache_dir=cache_dir,
-                               model_id=model_identity(net, model_name, checkpoint), query_scales=qsc)
+                               model_id=model_identity(net, model_name, checkpoint), query_scales=qsc,
+                               precision=precision)
     t0 = time.perf_counter()
     metrics, notes, ranks = score_descriptors(evalset, desc, rerank)
     meta = {"dataset": evalset.name, "title": evalset.title, "protocol": evalset.kind, "model": model_name,
             "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "query_scales": list(qsc),
-            "max_size": max_size,
+            "max_size": max_size, "precision": resolve_precision(precision, _net_device(net)),
             "rerank": rerank, "crop": evalset.crop, "n_queries": len(evalset.query_paths),
             "n_db": len(evalset.db_paths), "dim": int(desc.db.shape[1]),
             "extract_seconds": round(desc.seconds, 3), "descriptors_cached": desc.cached,

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glimr.models.checkpoint import atomic_write_bytes
+from glimr.io.atomic import atomic_write_bytes, atomic_write_npy
 
 __all__ = [
     "PAPER_SCALES",
@@ -565,7 +565,7 @@ class CoAttentionParams:
             arrays.update({"cdb_mean": self.codebook.pca.mean, "cdb_components": self.codebook.pca.components,
                            "cdb_eigvals": self.codebook.pca.eigvals, "cdb_words": self.codebook.words})
         for name, a in arrays.items():
-            _atomic_npy(d / f"{name}.npy", np.ascontiguousarray(a, dtype=np.float32))
+            atomic_write_npy(d / f"{name}.npy", np.ascontiguousarray(a, dtype=np.float32))
         doc = {"format": 1, "config": self.cfg.to_json(), "pca_whiten": self.pca.whiten,
                "arrays": sorted(arrays), "codec": self.codec.to_json(), "meta": self.meta}
         atomic_write_bytes(d / "params.json", json.dumps(doc, indent=2).encode())
@@ -586,14 +586,6 @@ class CoAttentionParams:
         if "cdb_words" in a:
             cb = Codebook(PCA(a["cdb_mean"], a["cdb_components"], a["cdb_eigvals"]), a["cdb_words"])
         return cls(cfg, pca, a.get("scale"), cb, doc.get("meta", {}))
-
-
-def _atomic_npy(path: Path, a: np.ndarray) -> None:
-    import io  # noqa: PLC0415
-
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def fit_params(samples: Sequence[ImageLocal], cfg: LocalConfig, *, meta: dict | None = None) -> CoAttentionParams:
@@ -669,7 +661,7 @@ def save_locals(directory: str | os.PathLike, locs: Sequence[ImageLocal | None])
         if feats is not None:
             feats[i, :m] = x.feats
     for name, arr in a.items():
-        _atomic_npy(d / f"{name}.npy", arr)
+        atomic_write_npy(d / f"{name}.npy", arr)
     if feats is not None:
         feats.flush()
         del feats

@@ -7,38 +7,98 @@ query scale pyramid (used by `glimr eval` and `glimr search` by default); it is 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+# atomic_write_bytes is also imported from here by glimr.index.store (its home is glimr.io.atomic)
+from glimr.io.atomic import atomic_write_bytes
+
+SUFFIXES = (".safetensors", ".json")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(NAME.safetensors, NAME.json) of a checkpoint given as NAME.safetensors, NAME.json or NAME.
+
+    Only a final ``.safetensors`` / ``.json`` is taken off, and the suffixes are appended to the whole name:
+    ``ck/model.v2.safetensors`` -> ``ck/model.v2.safetensors`` + ``ck/model.v2.json`` (``Path.with_suffix``
+    would turn ``model.v2`` into ``model.safetensors``, another checkpoint)."""
     p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    if p.name in SUFFIXES or p.name in ("", ".", ".."):
+        raise CheckpointError(f"'{path}' is not a checkpoint name: give NAME.safetensors")
+    if p.suffix in SUFFIXES:
+        p = p.with_name(p.name[:-len(p.suffix)])
+    if not p.name:
+        raise CheckpointError(f"'{path}' is not a checkpoint name: give NAME.safetensors")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def config_path(path: str | Path) -> Path:
+    """The JSON sidecar of a checkpoint: ``model.v2.safetensors`` -> ``model.v2.json``."""
+    return checkpoint_paths(path)[1]
+
+
+_paths = checkpoint_paths
+
+
+def _bad(js: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"'{js}' is not a valid glimr checkpoint config: {what}; re-export the checkpoint "
+                           "(`glimr train` / `glimr whiten` write NAME.safetensors + NAME.json) or fix the file")
+
+
+def read_config(js: str | Path) -> dict:
+    """The checkpoint config ``js``, checked: a JSON object with a string ``name``, an object ``head_kwargs``,
+    and well-formed ``partial``, ``pca_whiten`` and ``query_scales`` records where present; a
+    :class:`CheckpointError` naming the file and the faulty key otherwise."""
+    js = Path(js)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        text = js.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint config '{js}': {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise _bad(js, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise _bad(js, f"not JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise _bad(js, f"the top level is a JSON {type(cfg).__name__}, not an object")
+    if not isinstance(cfg.get("name"), str) or not cfg["name"]:
+        raise _bad(js, "it needs a 'name' string (the architecture, e.g. \"cider-lite0\")"
+                   if "name" not in cfg else f"'name' must be a non-empty string, not {cfg['name']!r}")
+    if not isinstance(cfg.get("head_kwargs", {}), dict):
+        raise _bad(js, f"'head_kwargs' must be an object, not {cfg['head_kwargs']!r}")
+    partial = cfg.get("partial")
+    if partial is not None:
+        if (not isinstance(partial, dict) or not isinstance(partial.get("prefixes"), list)
+                or not all(isinstance(x, str) and x for x in partial["prefixes"])):
+            raise _bad(js, f"'partial' must be an object with 'prefixes' (a list of strings), not {partial!r}")
+        if partial.get("base_weights", "pretrained") not in ("pretrained", "none"):
+            raise _bad(js, f"'partial.base_weights' must be \"pretrained\" or \"none\", "
+                       f"not {partial['base_weights']!r}")
+    pw = cfg.get("pca_whiten")
+    if pw is not None and (not isinstance(pw, dict) or not all(_is_pos_int(pw.get(k)) for k in ("in_dim", "dim"))):
+        raise _bad(js, f"'pca_whiten' must be an object with positive integers 'in_dim' and 'dim', not {pw!r}")
+    qs = cfg.get("query_scales")
+    if qs is not None and (not isinstance(qs, list) or not qs
+                           or not all(_is_number(x) and 0 < x and math.isfinite(x) for x in qs)):
+        raise _bad(js, f"'query_scales' must be a non-empty list of positive numbers, not {qs!r}")
+    return cfg
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _is_pos_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 def save_model(model, path: str | Path, extra: dict | None = None, prefixes=None) -> Path:
@@ -48,7 +108,7 @@ def save_model(model, path: str | Path, extra: dict | None = None, prefixes=None
     checkpoint of the trained parts; loading rebuilds the rest from the packaged pretrained weights
     (the config records `"partial": {"prefixes": [...], "base_weights": "pretrained"}`). A PCA-whitening
     stage (`model.pcaw`) is always saved: "pcaw." is added to `prefixes` when it is not there."""
-    st, js = _paths(path)
+    st, js = checkpoint_paths(path)
     pcaw = getattr(model, "pcaw", None)
     if prefixes is not None:
         prefixes = list(prefixes)
@@ -56,15 +116,7 @@ def save_model(model, path: str | Path, extra: dict | None = None, prefixes=None
             prefixes.append("pcaw.")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if prefixes is None or k.startswith(tuple(prefixes))}
-    st.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=st.parent, prefix=f".{st.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, st)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(st, safetensors_bytes(state))
     cfg = dict(model.config)
     cfg.pop("partial", None)
     cfg.pop("pca_whiten", None)
@@ -80,19 +132,19 @@ def save_model(model, path: str | Path, extra: dict | None = None, prefixes=None
 def load_model(path: str | Path, map_location: str = "cpu"):
     from glimr.models.registry import build_model
 
-    st, js = _paths(path)
+    st, js = checkpoint_paths(path)
     for p in (st, js):
         if not p.is_file():
             raise CheckpointError(f"checkpoint file '{p}' not found: a checkpoint is NAME.safetensors + NAME.json "
                                   "as written by `glimr train`")
-    try:
-        cfg = json.loads(js.read_text())
-        name = cfg["name"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"'{js}' is not a glimr checkpoint config (needs a 'name' key): {e}") from e
+    cfg = read_config(js)
+    name = cfg["name"]
     partial = cfg.get("partial")
     base = partial.get("base_weights", "pretrained") if partial else "none"
-    model = build_model(name, warn_untrained=False, weights=base, **cfg.get("head_kwargs", {}))
+    try:
+        model = build_model(name, warn_untrained=False, weights=base, **cfg.get("head_kwargs", {}))
+    except (ValueError, TypeError) as e:   # unknown architecture, head arguments it does not take
+        raise _bad(js, f"cannot build {name!r} with head_kwargs {cfg.get('head_kwargs', {})!r}: {e}") from e
     pw = cfg.get("pca_whiten")
     if pw is not None:  # rebuild the whitening stage first: its buffers are in the state dict
         from glimr.models.whiten import PCAWhitening

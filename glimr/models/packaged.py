@@ -57,12 +57,12 @@ def load_packaged(name: str):
 
 def packaged_models() -> list[dict]:
     """[{name, architecture, about, checkpoint}] for `glimr models`."""
-    import json
+    from glimr.models.checkpoint import config_path, read_config
 
     out = []
     for name, (stem, about) in PACKAGED.items():
-        js = WEIGHTS_DIR / f"{stem}.json"
-        arch = json.loads(js.read_text())["name"] if js.is_file() else None
+        js = config_path(WEIGHTS_DIR / f"{stem}.safetensors")
+        arch = read_config(js)["name"] if js.is_file() else None
         out.append({"name": name, "architecture": arch, "about": about,
                     "checkpoint": str(WEIGHTS_DIR / f"{stem}.safetensors")})
     return out

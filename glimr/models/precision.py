@@ -11,16 +11,25 @@ import functools
 import torch
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    cap = torch.backends.cpu.get_cpu_capability().upper()
+def native_bf16(capability: str, cpuinfo: str = "") -> bool:
+    """Whether a CPU runs bf16 matmuls natively, from PyTorch's CPU capability string (e.g. "AVX2",
+    "AVX512", "AVX512_BF16", "AMX") and the text of /proc/cpuinfo (its ``flags`` lines)."""
+    cap = capability.upper()
     if "AMX" in cap or "BF16" in cap:
         return True
+    flags = {f for line in cpuinfo.splitlines() if line.lower().startswith("flags") for f in line.split()}
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """This CPU's answer to :func:`native_bf16` (read once)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        info = ""
+    return native_bf16(torch.backends.cpu.get_cpu_capability(), info)
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:

@@ -31,7 +31,9 @@ DEFAULT_MODEL = "cider-lite0-composites-pcaw"  # trained, packaged: glimr/models
 def split_name(name: str) -> tuple[str, str]:
     """(head, backbone) of a model name; a packaged model answers with its architecture's."""
     if is_packaged(name):
-        return split_name(json.loads(packaged_checkpoint(name).with_suffix(".json").read_text())["name"])
+        from glimr.models.checkpoint import config_path, read_config
+
+        return split_name(read_config(config_path(packaged_checkpoint(name)))["name"])
     head, _, bb = name.partition("-")
     if head not in HEADS or bb not in BACKBONES:
         raise ValueError(f"unknown model {name!r}: a model is HEAD-BACKBONE with HEAD in {sorted(HEADS)} "

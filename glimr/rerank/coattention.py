@@ -35,7 +35,7 @@ __all__ = ["coattention_weights", "score_dense", "CoAttentionIndex", "SearchResu
 
 FALLBACKS = ("zero", "last", "proxy")
 SHORTLIST_BY = ("votes", "proxy")
-_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_BLOCK = 2048                # int8 / float16 rows converted to float32 at a time (4 MB at D' = 512)
 POOLS = ("unit", "norm")
 
 
@@ -101,7 +101,6 @@ class CoAttentionIndex:
         self.proxy = np.ascontiguousarray(proxy, dtype=np.int8)
         self.proxy_scale = np.ascontiguousarray(proxy_scale, dtype=np.float32)
         self._proxy_t = torch.from_numpy(self.proxy)
-        self._proxy_s = torch.from_numpy(self.proxy_scale).to(torch.bfloat16)
         self.words = words
         self.m = len(self.codes)
         self.live = np.ones(self.m, bool) if live is None else np.asarray(live, bool)
@@ -158,25 +157,21 @@ class CoAttentionIndex:
         return self.codec.decode_units(self.codes[rows])
 
     def cosines(self, q: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-        """a_i = V_q . u_i for the given rows: (m, K)."""
+        """a_i = V_q . u_i for the given rows: (m, K), float32 accumulation.
+
+        float32 codes: one matrix-vector product on the stored array (no copy). float16 / int8 codes (int8: the
+        per-dimension step folds into the query) are converted to float32 in blocks of ``_BLOCK`` vectors (a
+        cache-sized buffer) before each matrix-vector product: the float32 value of ``decode_units(codes) @ q``
+        up to the order of the sums, with public operations only."""
         codes = self.codes[rows]
         k, d = codes.shape[1], codes.shape[2]
-        if codes.dtype in (np.float16, np.float32):   # torch's matrix-vector product on the stored type, no copy
-            a = torch.mv(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d)),
-                         torch.from_numpy(np.asarray(q, codes.dtype))).float().numpy()
-            return a.reshape(-1, k)
+        flat = torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d))
+        if codes.dtype == np.float32:
+            return torch.mv(flat, torch.from_numpy(np.asarray(q, np.float32))).numpy().reshape(-1, k)
         qq = np.asarray(q, np.float32)
         if self.codec.dtype == "int8":
             qq = qq * self.codec.scale      # the per-dimension step folds into the query
-            flat = torch.from_numpy(np.ascontiguousarray(codes).reshape(-1, d))
-            if _INT8_MM:                    # int8 x bf16 kernel: no float copy of the codes
-                try:
-                    out = torch._weight_int8pack_mm(torch.from_numpy(qq)[None].to(torch.bfloat16), flat,
-                                                    torch.ones(len(flat), dtype=torch.bfloat16))
-                    return out[0].float().numpy().reshape(-1, k)
-                except (RuntimeError, AttributeError):
-                    pass
-        return (codes.reshape(-1, d).astype(np.float32) @ qq).reshape(-1, k)
+        return _mv_f32(flat, torch.from_numpy(np.ascontiguousarray(qq, np.float32))).reshape(-1, k)
 
     def scores(self, q: np.ndarray, rows: np.ndarray | None = None, temperature: float = 10.0,
                pool: str = "unit", chunk: int = 32768) -> np.ndarray:
@@ -193,15 +188,10 @@ class CoAttentionIndex:
         return out
 
     def proxy_scores(self, q: np.ndarray) -> np.ndarray:
-        """The temperature-0 proxy for every row: cos over the first proxy_dim dimensions."""
-        qp = l2n_np(np.asarray(q, np.float32)[:self.proxy.shape[1]])
-        if _INT8_MM:
-            try:
-                return torch._weight_int8pack_mm(torch.from_numpy(qp)[None].to(torch.bfloat16), self._proxy_t,
-                                                 self._proxy_s)[0].float().numpy()
-            except (RuntimeError, AttributeError):
-                pass
-        return (self.proxy.astype(np.float32) @ qp) * self.proxy_scale
+        """The temperature-0 proxy for every row: cos over the first proxy_dim dimensions (float32; the int8
+        proxy is converted in blocks, then times its per-row scale)."""
+        qp = torch.from_numpy(l2n_np(np.asarray(q, np.float32)[:self.proxy.shape[1]]))
+        return _mv_f32(self._proxy_t, qp) * self.proxy_scale
 
     def candidates(self, qwords: np.ndarray | None, ivf: bool = True) -> np.ndarray:
         """(m,) bool: live rows sharing a word with the query (all live rows without the IVF / words)."""
@@ -262,6 +252,20 @@ class CoAttentionIndex:
         if pool == "norm":
             w = w * self.norms[rows]
         return l2n_np(np.einsum("mk,mkd->md", w, units))
+
+
+def _mv_f32(mat: torch.Tensor, vec: torch.Tensor) -> np.ndarray:
+    """``mat @ vec`` for an int8 / float16 (n, d) matrix and a float32 (d,) vector: float32 (n,), computed block by
+    block on a float32 copy of ``_BLOCK`` rows (one reused buffer; a whole float copy would be 4x the codes)."""
+    n, d = mat.shape
+    out = torch.empty(n, dtype=torch.float32)
+    buf = torch.empty((min(n, _BLOCK), d), dtype=torch.float32)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        b = buf[:e - s]
+        b.copy_(mat[s:e])
+        torch.mv(b, vec, out=out[s:e])
+    return out.numpy()
 
 
 def _top_k(score: np.ndarray, k: int, key2: np.ndarray | None) -> np.ndarray:
@@ -347,30 +351,33 @@ def search_store(store, model, image, k: int = 10, *, box=None, precision: str =
 
 # ------------------------------------------------------------------------------------------ evaluation
 def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: int, *, workers: int | None = None,
-                  batch_size: int = 16, ident=None, progress: bool = True):
+                  batch_size: int = 16, ident=None, progress: bool = True, precision: str = "auto"):
     """(ImageLocal per item, multi-scale global descriptors) from one forward pass per view; cached in
-    ``cache`` (a folder; None = no cache) by model, images, boxes, scales, max size, N, K."""
+    ``cache`` (a folder; None = no cache) by model, images, boxes, scales, max size, N, K (and precision, when
+    it resolves to bf16)."""
     import hashlib  # noqa: PLC0415
     import json  # noqa: PLC0415
 
     from glimr.extract.local import extract_local, load_locals, save_locals  # noqa: PLC0415
+    from glimr.models.precision import resolve_precision
 
-    key = hashlib.sha1(json.dumps([ident, [str(p) for p in items], boxes, [float(s) for s in scales], max_size,
-                                   cfg.n_select, cfg.clusters, cfg.kmeans_iters, cfg.p], sort_keys=True,
-                                  default=str).encode()).hexdigest()[:12]
+    precision = resolve_precision(precision)
+    fields = [ident, [str(p) for p in items], boxes, [float(s) for s in scales], max_size, cfg.n_select,
+              cfg.clusters, cfg.kmeans_iters, cfg.p] + ([precision] if precision != "fp32" else [])
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
     d = Path(cache) / f"{name}__{key}" if cache is not None else None
     if d is not None and (d / "locals.json").is_file() and (d / "global.npy").is_file():
         return load_locals(d), np.load(d / "global.npy", allow_pickle=False)
     res, locs = extract_local(model, [str(p) if isinstance(p, Path) else p for p in items], cfg=cfg, scales=scales,
                               max_size=max_size, boxes=boxes, workers=workers, batch_size=batch_size,
-                              progress=progress, desc=name)
+                              progress=progress, desc=name, precision=precision)
     out = [locs.get(i) for i in range(len(items))]
     if d is None:
         return out, res.descriptors
-    from glimr.extract.local import _atomic_npy  # noqa: PLC0415
+    from glimr.io.atomic import atomic_write_npy  # noqa: PLC0415
 
     save_locals(d, out)
-    _atomic_npy(d / "global.npy", res.descriptors)
+    atomic_write_npy(d / "global.npy", res.descriptors)
     return load_locals(d), res.descriptors
 
 
@@ -380,7 +387,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
                   codebook: int = 4096, words: int = 0, temperature: float = 10.0, qe: int = 0,
                   alpha: float = 3.0, ivf: bool | None = None, shortlist: int | None = None,
                   fallback: str = "zero", pool: str = "unit", workers: int | None = None, progress: bool = True,
-                  pca_whiten: bool = False, net=None) -> np.ndarray:
+                  pca_whiten: bool = False, net=None, precision: str = "auto") -> np.ndarray:
     """Co-attention re-ranking of an evaluation set from its images (the eval re-ranker ``coattention``).
 
     The images' co-attention features are extracted at ``scales`` ("paper" = 1/(2 sqrt 2) .. sqrt 2, or
@@ -406,7 +413,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
         from glimr.io.images import list_images  # noqa: PLC0415
 
         s_items = sample_items(list_images(samples), n_samples)
-    kw = dict(workers=workers, ident=ident, progress=progress)
+    kw = dict(workers=workers, ident=ident, progress=progress, precision=precision)
     s_locs, _ = cached_locals(cache, "ca-samples", net, s_items, None, cfg, (1.0,), max_size, **kw)
     params = fit_params([x for x in s_locs if x is not None], cfg)
     q_locs, _ = cached_locals(cache, "ca-queries", net, list(query_paths), query_boxes, cfg, sc, max_size, **kw)

@@ -69,16 +69,15 @@ class DiffusionGraph:
 
     # ---- persistence ----
     def save(self, directory: str | os.PathLike, state: dict | None = None) -> None:
-        from glimr.extract.local import _atomic_npy  # noqa: PLC0415
-        from glimr.models.checkpoint import atomic_write_bytes  # noqa: PLC0415
+        from glimr.io.atomic import atomic_write_bytes, atomic_write_npy  # noqa: PLC0415
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_npy(d / "indptr.npy", self.S.indptr.astype(np.int64))
-        _atomic_npy(d / "indices.npy", self.S.indices.astype(np.int32))
-        _atomic_npy(d / "data.npy", self.S.data.astype(np.float32))
+        atomic_write_npy(d / "indptr.npy", self.S.indptr.astype(np.int64))
+        atomic_write_npy(d / "indices.npy", self.S.indices.astype(np.int32))
+        atomic_write_npy(d / "data.npy", self.S.data.astype(np.float32))
         if self.ids is not None:
-            _atomic_npy(d / "ids.npy", np.asarray(self.ids, np.int64))
+            atomic_write_npy(d / "ids.npy", np.asarray(self.ids, np.int64))
         atomic_write_bytes(d / "graph.json", json.dumps({**(state or {}), "n": self.n, "k": self.k, "gamma": self.gamma,
                                                     "nnz": int(self.S.nnz), "ids": self.ids is not None}).encode())
 

@@ -84,13 +84,12 @@ class InvertedFile:
 
     # ---- cache files ----
     def save(self, directory: str | os.PathLike, state: dict) -> None:
-        from glimr.extract.local import _atomic_npy  # noqa: PLC0415
-        from glimr.models.checkpoint import atomic_write_bytes  # noqa: PLC0415
+        from glimr.io.atomic import atomic_write_bytes, atomic_write_npy  # noqa: PLC0415
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_npy(d / "ivf_offsets.npy", self.offsets)
-        _atomic_npy(d / "ivf_postings.npy", self.postings)
+        atomic_write_npy(d / "ivf_offsets.npy", self.offsets)
+        atomic_write_npy(d / "ivf_postings.npy", self.postings)
         atomic_write_bytes(d / "ivf.json", json.dumps({**state, "n_images": self.n_images,
                                                   "n_postings": int(len(self.postings))}).encode())
 

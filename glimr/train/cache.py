@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from glimr.data import transforms as T
 from glimr.data.composites import InstanceComposites
 from glimr.data.samplers import aspect_groups, group_size
+from glimr.io.atomic import atomic_write_bytes, atomic_write_npy
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from glimr.models.checkpoint import atomic_write_bytes
 from glimr.models.precision import autocast
 
 STAGES = ("res4", "res5")
@@ -58,9 +58,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    tmp.replace(path)
+    atomic_write_npy(path, arr)
 
 
 # ------------------------------------------------------------------------------------------ item sources

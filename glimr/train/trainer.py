@@ -49,14 +49,26 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from glimr.config import (
+    check_number,
+    finite_float,
+    float_in,
+    int_in,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from glimr.data import transforms as T
 from glimr.data.samplers import ClassBalanced, GroupSizeBatchSampler, RandomOrder
-from glimr.models.checkpoint import atomic_write_bytes, save_model
+from glimr.io.atomic import atomic_write_bytes
+from glimr.models.checkpoint import save_model
 from glimr.models.precision import resolve_precision
 from glimr.train.losses import Criterion
 
@@ -223,7 +235,59 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+# numeric keys: (kind, optional) checked by validate() with glimr.config's types (finite, in range)
+_NUMBERS = {
+    "data": {"long_side": int_in(16), "n_groups": positive_int, "per_class": positive_int,
+             "views_per_class": positive_int, "clean_first": nonnegative_int, "p_clean": float_in(0.0, 1.0),
+             "illumination": float_in(0.0, 1.0), "hflip": float_in(0.0, 1.0), "seed": int_in()},
+    "cache": {"views_per_class": positive_int, "flip": float_in(0.0, 1.0), "batch_size": positive_int},
+    "loss": {"margin": finite_float, "scale": positive_float, "contrastive_margin": finite_float,
+             "inter_weight": nonnegative_float, "loc_weight": nonnegative_float},
+    "optim": {"epochs": positive_int, "max_steps": (positive_int, True), "batch_size": positive_int,
+              "accum_steps": positive_int, "lr": positive_float, "momentum": float_in(0.0, 1.0, hi_open=True),
+              "weight_decay": nonnegative_float, "warmup_steps": nonnegative_int,
+              "min_lr_ratio": float_in(0.0, 1.0), "grad_clip": (positive_float, True),
+              "classifier_lr_mult": positive_float},
+    "run": {"workers": nonnegative_int, "save_every": positive_int, "keep": positive_int,
+            "log_every": positive_int, "seed": int_in(), "threads": (positive_int, True)},
+}
+_PAIRS = {"paste_scale": (0.0, 1.0), "crop_area": (0.0, 1.0), "crop_ratio": (0.0, None), "bg_area": (0.0, 1.0)}
+
+
+def _validate_values(cfg: TrainConfig) -> None:
+    """Types and ranges of every numeric and boolean setting (a config file or a key=value override may hold
+    anything YAML can say: strings, NaN, negative counts); numbers are stored back with their type."""
+    for sec, rules in _NUMBERS.items():
+        obj = getattr(cfg, sec)
+        for key, rule in rules.items():
+            kind, optional = rule if isinstance(rule, tuple) else (rule, False)
+            try:
+                setattr(obj, key, check_number(f"{sec}.{key}", getattr(obj, key), kind, optional=optional))
+            except ValueError as e:
+                raise TrainConfigError(str(e)) from None
+    for sec in _SECTIONS:
+        obj = getattr(cfg, sec)
+        for f in dataclasses.fields(obj):
+            if f.type in ("bool", bool) and not isinstance(getattr(obj, f.name), bool):
+                raise TrainConfigError(f"{sec}.{f.name} must be true or false, not {getattr(obj, f.name)!r}")
+    for key, (lo, hi) in _PAIRS.items():
+        v = getattr(cfg.data, key)
+        kind = float_in(lo, hi, lo_open=True)
+        if not isinstance(v, list | tuple) or len(v) != 2:
+            raise TrainConfigError(f"data.{key} must be a pair [low, high], not {v!r}")
+        lo_v, hi_v = (check_number(f"data.{key}", x, kind) for x in v)
+        if lo_v > hi_v:
+            raise TrainConfigError(f"data.{key} must be [low, high] with low <= high, not {v!r}")
+        setattr(cfg.data, key, [lo_v, hi_v])
+    if not isinstance(cfg.head_kwargs, dict):
+        raise TrainConfigError(f"head_kwargs must be a mapping, not {cfg.head_kwargs!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
+    try:
+        _validate_values(cfg)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
     if cfg.data.kind not in ("composites", "csv", "gldv2"):
         raise TrainConfigError(f"data.kind must be composites, csv or gldv2, not {cfg.data.kind!r}")
     if cfg.data.kind == "composites" and not cfg.data.photos:
@@ -435,7 +499,15 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     p = Path(out) / "checkpoints" / "latest.json"
     if not p.is_file():
         return None
-    d = Path(out) / "checkpoints" / json.loads(p.read_text())["dir"]
+    try:
+        name = json.loads(p.read_bytes().decode("utf-8"))["dir"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainConfigError(f"'{p}' is not a checkpoint pointer ({type(e).__name__}: {e}); resume from a step "
+                               "folder with --resume-from OUT/checkpoints/step-N, or delete it") from None
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise TrainConfigError(f"'{p}': 'dir' must name a folder in {p.parent}, not {name!r}; resume with "
+                               "--resume-from OUT/checkpoints/step-N, or delete it")
+    d = p.parent / name
     return d if d.is_dir() else None
 
 
@@ -668,6 +740,16 @@ class Trainer:
                 "trainable": self.trainable}
 
     def load_checkpoint(self, d: Path) -> None:
+        try:
+            self._load_checkpoint(d)
+        except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError, SafetensorError) as e:
+            if isinstance(e, TrainConfigError):
+                raise
+            raise TrainConfigError(f"cannot resume from '{d}': its files are incomplete or malformed "
+                                   f"({type(e).__name__}: {e}); resume from an older step folder with "
+                                   "--resume-from, or start again") from e
+
+    def _load_checkpoint(self, d: Path) -> None:
         saved = yaml.safe_load((d / "config.yaml").read_text())
         now = self.cfg.to_dict()
         diffs = [(s, k) for s, sec in now.items() if isinstance(sec, dict) for k in sec

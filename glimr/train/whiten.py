@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glimr.config import nonnegative_float, nonnegative_int, positive_int
 from glimr.models.whiten import attach_whitening, detach_whitening, fit_learned_whitening, fit_pca_whitening
 
 __all__ = ["register", "run", "main", "view_pairs", "group_pairs"]
@@ -58,26 +59,6 @@ def _refuse_benchmark(path: Path, what: str) -> None:
                              "never fit on a benchmark; use training images")
 
 
-def _positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
-def _nonneg_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
-    if not (np.isfinite(x) and x >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {v}")
-    return x
-
-
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `whiten` to an argparse subparsers object (from `add_subparsers()`)."""
     p = subparsers.add_parser(
@@ -96,27 +77,27 @@ def register(subparsers) -> argparse.ArgumentParser:
                                                     "(--method pca only)")
     p.add_argument("--method", default="pca", choices=["pca", "learned"],
                    help="pca: unsupervised PCA-whitening; learned: Lw from matching pairs (--views, --groups)")
-    p.add_argument("--views", type=int, default=0,
+    p.add_argument("--views", type=nonnegative_int, default=0,
                    help="learned: generated views per training image (real_view: warp, crop, light, night...)")
     p.add_argument("--groups", metavar="DIR", default=None,
                    help="learned: a folder whose sub-folders each hold photos of one place (e.g. webcams)")
-    p.add_argument("--group-pairs", type=_positive_int, default=300,
+    p.add_argument("--group-pairs", type=positive_int, default=300,
                    help="learned: at most this many pairs per sub-folder of --groups")
-    p.add_argument("--reg", type=_nonneg_float, default=0.1,
+    p.add_argument("--reg", type=nonnegative_float, default=0.1,
                    help="learned: shrink C_S by reg * tr(C_S)/D * I (0 = the paper's plain Lw)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated views")
-    p.add_argument("--dim", type=_positive_int, default=None, help="output dimension D' (default: the descriptor's)")
-    p.add_argument("--shrink", type=_nonneg_float, default=0.0,
+    p.add_argument("--dim", type=positive_int, default=None, help="output dimension D' (default: the descriptor's)")
+    p.add_argument("--shrink", type=nonnegative_float, default=0.0,
                    help="pca: eigenvalue shrinkage: divide by sqrt(lambda + shrink * mean(lambda[:D'])) (0 = plain)")
-    p.add_argument("--max-size", type=_positive_int, default=512, help="with --images: longest image side")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--max-size", type=positive_int, default=512, help="with --images: longest image side")
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="use at most N training images per folder (evenly spaced over the sorted list)")
     p.add_argument("--query-scales", default=None,
                    help="store this query scale pyramid (e.g. 1,0.7071,0.5) in the checkpoint as the model's "
                         "recommended one: eval and search then extract queries at these scales by default "
                         "(the database stays at the index's / --scales)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -167,7 +148,7 @@ def _load_net(spec: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from glimr.models.checkpoint import save_model
+    from glimr.models.checkpoint import checkpoint_paths, config_path, save_model
 
     query_scales = None
     if args.query_scales is not None:
@@ -179,12 +160,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--method learned needs --images (its pairs are views of the images): not --cache")
         if args.views < 1 and not args.groups:
             raise ValueError("--method learned needs matching pairs: give --views K (>= 1) and/or --groups DIR")
-    if args.views < 0:
-        raise ValueError(f"--views must be >= 0, not {args.views}")
     out = Path(args.out)
-    from glimr.models.checkpoint import _paths
-
-    if _paths(out)[0].resolve() == _paths(args.checkpoint)[0].resolve():
+    if checkpoint_paths(out)[0].resolve() == checkpoint_paths(args.checkpoint)[0].resolve():
         raise ValueError(f"--out '{out}' is the input checkpoint: write the whitened model to a new file")
     srcs = [Path(s) for s in (args.images or [args.cache])]
     for s in srcs:
@@ -218,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
           + f": {w.in_dim} -> {w.dim} dims")
     if query_scales is not None:
         print(f"recommended query scales: {','.join(f'{s:g}' for s in query_scales)}")
-    print(f"wrote {st} and {_paths(st)[1]}"
+    print(f"wrote {st} and {config_path(st)}"
           + (f" (partial: {', '.join(prefixes + ['pcaw.'])} + pretrained backbone)" if prefixes else ""))
     return 0
 

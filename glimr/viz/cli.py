@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from glimr.config import positive_int
+
 EXAMPLE = """example:
   glimr explain photo.jpg --model glam-lite0 --out glam.png
   glimr explain photo.jpg --checkpoint runs/cider/best.safetensors --out cider.png --size 768
@@ -46,11 +48,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="trained checkpoint (NAME.safetensors + NAME.json); "
                                                       "overrides --model")
     p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="longest image side fed to the model (default 512, or the index's with --index)")
     p.add_argument("--weights", choices=("pretrained", "none"), default="pretrained",
                    help="backbone weights when no checkpoint is given (default pretrained)")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default: glimr's cap)")
+    p.add_argument("--max-pixels", type=positive_int, default=None, help="refuse larger images (default: glimr's cap)")
     p.set_defaults(func=run)
     return p
 
@@ -94,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_coattention(args: argparse.Namespace) -> int:
     from glimr.extract.multiscale import parse_box
+    from glimr.index.store import IndexStoreError
     from glimr.io.images import ImageError
     from glimr.models.backbones import WeightsError
     from glimr.models.checkpoint import CheckpointError
-    from glimr.index.store import IndexStoreError
     from glimr.viz.coattention_maps import render_coattention
 
     try:
@@ -132,10 +134,9 @@ def _default_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glimr")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from glimr.cli import run_subcommand
+
+    return run_subcommand(register, argv, "glimr explain")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,31 @@ def test_clip_box():
     assert clip_box((-5, -5, 2000, 2000), 100, 80) == (0, 0, 100, 80)
     with pytest.raises(ValueError, match="empty"):
         clip_box((50, 50, 50, 60), 100, 100)
+
+
+@pytest.mark.parametrize(("obj", "what"), [
+    ({"qimlist": "abc", "imlist": ["b"], "gnd": []}, "'qimlist' must be a list of image names"),
+    ({"qimlist": 3, "imlist": ["b"], "gnd": []}, "'qimlist' must be a list of image names, not int"),
+    ({"qimlist": ["a", 5], "imlist": ["b"], "gnd": [{}, {}]}, "'qimlist' must be a list of image names"),
+    ({"qimlist": ["a"], "imlist": ["b"], "gnd": {"a": {}}}, "'gnd' must be a list"),
+    ({"qimlist": ["a"], "imlist": ["b", "c"], "gnd": [{"ok": [[0, 1]], "junk": []}]}, "must be a flat list"),
+    ({"qimlist": ["a"], "imlist": ["b", "c"], "gnd": [{"ok": "01", "junk": []}]}, "must be a flat list"),
+    ({"qimlist": ["a"], "imlist": ["b", "c"], "gnd": [{"ok": [0.5], "junk": []}]}, "non-integer indices"),
+    ({"qimlist": ["a"], "imlist": ["b", "c"], "gnd": [{"ok": [[0], [0, 1]], "junk": []}]}, "not a list of indices"),
+    ({"qimlist": ["a"], "imlist": ["b", "c"], "gnd": [{"ok": [True], "junk": []}]}, "must be a flat list"),
+    ({"qimlist": ["a"], "imlist": ["b"], "gnd": [{"ok": [0], "junk": [], "bbx": [1, 2, 3]}]}, "must have 4 numbers"),
+    ({"qimlist": ["a"], "imlist": ["b"], "gnd": [{"ok": [0], "junk": [], "bbx": ["x", 2, 3, 4]}]}, "4 numbers"),
+    ({"qimlist": ["a"], "imlist": ["b"], "gnd": [{"ok": [0], "junk": [], "bbx": [5, 2, 3, 4]}]}, "is not a box"),
+    ({"qimlist": ["a"], "imlist": ["b"], "gnd": [{"ok": [0], "junk": [], "bbx": [0, 0, float("nan"), 4]}]},
+     "is not a box"),
+])
+def test_malformed_pickle_contents_and_shapes_are_ground_truth_errors(tmp_path, obj, what):
+    p = tmp_path / "gnd_bad.pkl"
+    p.write_bytes(pickle.dumps(obj))
+    with pytest.raises(GroundTruthError) as e:
+        load_gnd(p)
+    assert what in str(e.value) and "gnd_bad.pkl" in str(e.value)
+    # integral floats (a numpy re-save) are accepted as indices
+    p.write_bytes(pickle.dumps({"qimlist": ["a"], "imlist": ["b", "c"],
+                                "gnd": [{"ok": np.array([1.0]), "junk": [], "bbx": [0, 0, 3, 4]}]}))
+    assert load_gnd(p)["gnd"][0]["ok"].tolist() == [1]

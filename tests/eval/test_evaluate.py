@@ -103,7 +103,7 @@ def test_gnd_json_and_ukbench_loaders(tiny_gnd, shared_data, tmp_path):
 
 # ------------------------------------------------------------------------------------ real model
 def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
-    rep = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, keep=True,
+    rep = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, precision="fp32", keep=True,
                      cache_dir=tmp_path / "cache")
     assert set(rep.metrics) == {"mAP", "mP@1", "mP@3"}
     # clean UKBench views vs unrelated photos: ImageNet GeM finds most of them
@@ -117,7 +117,7 @@ def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
     assert rep.metrics == M.gnd_json_map(ranks, load_gnd_json(tiny_gnd).positives)
     assert rep.meta["max_size"] == SIZE and not rep.meta["descriptors_cached"]
     # second time from the cache, same numbers
-    again = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False,
+    again = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, precision="fp32",
                        cache_dir=tmp_path / "cache")
     assert again.meta["descriptors_cached"] and again.metrics == rep.metrics
     # a re-ranker from the registry gets the descriptors and the ranking
@@ -129,7 +129,7 @@ def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
 
     E.RERANKERS["test-reverse"] = reverse
     try:
-        worse = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False,
+        worse = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, precision="fp32",
                            cache_dir=tmp_path / "cache", rerank="test-reverse:flip=true")
     finally:
         del E.RERANKERS["test-reverse"]
@@ -140,7 +140,7 @@ def test_evaluate_real_model_on_gnd_json(tiny_gnd, net, tmp_path):
 def test_cli_eval_writes_json(tiny_gnd, same_net, tmp_path, capsys):
     out = tmp_path / "m.json"
     rc = main(["eval", "--model", "gem-lite0", str(tiny_gnd), "--max-size", str(SIZE), "--workers", "0", "--quiet",
-               "--json", str(out)])
+               "--precision", "fp32", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "mAP" in printed and "mP@3" in printed and "tiny-ukb" in printed
@@ -157,7 +157,7 @@ def test_cli_ukbench_ns(shared_data, same_net, tmp_path, capsys):
         os.symlink(shared_data / "ukbench" / f"ukbench{i:05d}.jpg", sub / f"ukbench{i:05d}.jpg")
     out = tmp_path / "ukb.json"
     assert main(["eval", "--model", "gem-lite0", "ukbench", "--root", str(sub), "--max-size", str(SIZE), "--workers", "0", "--quiet",
-                 "--json", str(out)]) == 0
+                 "--precision", "fp32", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert 3.0 < data["N-S"] <= 4.0 and "N-S" in capsys.readouterr().out
 
@@ -170,6 +170,7 @@ output: {tmp_path / 'out'}
 cache: {tmp_path / 'cache'}
 max_size: {SIZE}
 workers: 0
+precision: fp32
 datasets:
   - {{name: {tiny_gnd}, label: Tiny}}
 models: [gem-lite0]
@@ -222,8 +223,9 @@ def oracle_extract(gnd, calls):
     db_vec /= np.maximum(np.linalg.norm(db_vec, axis=1, keepdims=True), 1e-12)
 
     def extract(model, paths, *, scales=(1.0,), max_size=512, boxes=None, batch_size=16, workers=2,
-                progress=True, desc="extract"):
-        calls.append({"n": len(paths), "boxes": boxes, "max_size": max_size, "scales": scales})
+                progress=True, desc="extract", precision="auto"):
+        calls.append({"n": len(paths), "boxes": boxes, "max_size": max_size, "scales": scales,
+                      "precision": precision})
         stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
         if stems[0] in names_q:
             out = np.eye(nq, dtype=np.float32)[[names_q[s] for s in stems]]
@@ -308,3 +310,16 @@ def test_help_has_examples():
     for name in ("eval", "bench"):
         text = sub.choices[name].format_help()
         assert "example" in text and f"glimr {name} " in text
+
+
+@pytest.mark.parametrize(("line", "what"), [("batch_size: 0", "batch_size: 0 is out of range"),
+                                            ("workers: -1", "workers: -1 is out of range"),
+                                            ("max_size: .nan", "max_size: nan is not an integer"),
+                                            ("precision: fp16", "precision must be auto, fp32 or bf16"),
+                                            ("plots: {grid_topk: 0}", "plots.grid_topk: 0 is out of range")])
+def test_bench_config_numbers_are_checked_when_loaded(tmp_path, line, what):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"datasets: [x]\nmodels: [gem-lite0]\n{line}\n")
+    with pytest.raises(ValueError) as e:
+        load_config(cfg)
+    assert what in str(e.value) and str(cfg) in str(e.value)

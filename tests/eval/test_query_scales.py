@@ -45,14 +45,15 @@ def net():
     return build_model("gem-lite0")  # own instance: a test sets its recommended query scales
 
 
-def _x(net, paths, scales, precision="auto"):
+def _x(net, paths, scales, precision="fp32"):
     return extract(net, [str(p) for p in paths], scales=scales, max_size=SIZE, workers=0, progress=False,
                    precision=precision).descriptors
 
 
 def test_evaluate_extracts_queries_and_database_at_their_own_scales(tiny, net, tmp_path):
     ev = E.load_eval_set(str(tiny))
-    kw = dict(net=net, max_size=SIZE, workers=0, progress=False, keep=True, cache_dir=tmp_path / "cache")
+    kw = dict(net=net, max_size=SIZE, workers=0, progress=False, keep=True, cache_dir=tmp_path / "cache",
+              precision="fp32")
     rep = E.evaluate(str(tiny), scales="1", query_scales="1,0.7071,0.5", **kw)
     q_ms, q_1 = _x(net, ev.query_paths, QS), _x(net, ev.query_paths, (1.0,))
     assert np.allclose(rep.descriptors.q, q_ms, atol=1e-5)
@@ -85,7 +86,7 @@ def test_same_images_sets_extract_queries_again_when_scales_differ(shared_data, 
     for i in range(8):
         (sub / f"ukbench{i:05d}.jpg").symlink_to(shared_data / "ukbench" / f"ukbench{i:05d}.jpg")
     rep = E.evaluate("ukbench", root=sub, net=net, max_size=SIZE, workers=0, progress=False, keep=True,
-                     query_scales="1,0.5")
+                     query_scales="1,0.5", precision="fp32")
     paths = sorted(sub.iterdir())
     assert np.allclose(rep.descriptors.q, _x(net, paths, (1.0, 0.5)), atol=1e-5)
     assert np.allclose(rep.descriptors.db, _x(net, paths, (1.0,)), atol=1e-5)
@@ -95,7 +96,7 @@ def test_same_images_sets_extract_queries_again_when_scales_differ(shared_data, 
 def test_cli_eval_query_scales(tiny, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert eval_main(["eval", str(tiny), "--max-size", str(SIZE), "--workers", "0", "--quiet", "--device", "cpu",
-                      "--query-scales", "1", "0.7071", "0.5", "--json", str(out)]) == 0
+                      "--precision", "fp32", "--query-scales", "1", "0.7071", "0.5", "--json", str(out)]) == 0
     assert "(queries 1,0.7071,0.5)" in capsys.readouterr().out
     meta = json.loads(out.read_text())["meta"]
     assert meta["query_scales"] == list(QS) and meta["scales"] == [1.0]

@@ -49,17 +49,17 @@ def test_descriptors_match_a_direct_computation(shared_data, lite0_gem):
             ref.append((acc / acc.norm()).numpy())
     np.testing.assert_allclose(res.descriptors, np.stack(ref), atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(res.descriptors, axis=1), 1, atol=1e-5)
-    fast = extract(lite0_gem, paths, scales=scales, max_size=256, workers=0, progress=False)  # JPEG draft decoding
+    fast = extract(lite0_gem, paths, scales=scales, max_size=256, workers=0, progress=False, precision="fp32")  # JPEG draft decoding
     assert np.min(np.sum(fast.descriptors * res.descriptors, axis=1)) > 0.99
 
 
 def test_query_crop_is_applied_before_resize(shared_data, lite0_gem):
     p = _ukb(shared_data, [0])[0]
     box = (100.4, 50.6, 420.2, 400.0)
-    res = extract(lite0_gem, [p, p], boxes=[box, None], max_size=256, workers=0, progress=False)
+    res = extract(lite0_gem, [p, p], boxes=[box, None], max_size=256, workers=0, progress=False, precision="fp32")
     cropped = crop_box(load_image(p), box)
     assert cropped.size == (320, 349)
-    direct = extract(lite0_gem, [cropped], max_size=256, workers=0, progress=False)
+    direct = extract(lite0_gem, [cropped], max_size=256, workers=0, progress=False, precision="fp32")
     np.testing.assert_allclose(res.descriptors[0], direct.descriptors[0], atol=1e-5)
     assert float(res.descriptors[0] @ res.descriptors[1]) < 0.999  # the crop changed the descriptor
 
@@ -73,7 +73,7 @@ def test_bad_files_are_reported_and_skipped(shared_data, lite0_gem, tmp_path, ca
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     items = [good[0], trunc, empty, good[1], text, tmp_path / "missing.jpg"]
-    res = extract(lite0_gem, items, max_size=128, workers=2, batch_size=2, progress=False)
+    res = extract(lite0_gem, items, max_size=128, workers=2, batch_size=2, progress=False, precision="fp32")
     assert sorted(res.errors) == [1, 2, 4, 5]
     for i in (1, 2, 4, 5):
         assert str(items[i]) in res.errors[i]
@@ -86,7 +86,7 @@ def test_bad_files_are_reported_and_skipped(shared_data, lite0_gem, tmp_path, ca
 def test_ukbench_ns_score(shared_data, default_model):
     """The issue's bar: on all 300 UKBench images the top 4 hold >= 3.8 of the object's 4 views on average."""
     paths = _ukb(shared_data, range(300))
-    res = extract(default_model, paths, max_size=512, batch_size=16, workers=2, progress=False)
+    res = extract(default_model, paths, max_size=512, batch_size=16, workers=2, progress=False, precision="fp32")
     d = res.descriptors
     top4 = np.argsort(-(d @ d.T), axis=1)[:, :4]
     ns = float(np.mean([(top4[i] // 4 == i // 4).sum() for i in range(len(paths))]))

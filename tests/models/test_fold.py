@@ -71,10 +71,10 @@ def test_extract_with_folding_matches_the_plain_net(default_model, shared_data, 
     """The real default model on real photos: extract() (folded) against the same net unfolded."""
     files = sorted((shared_data / "photos").glob("*.JPEG"))[:FOLD_MIN_VIEWS]
     assert len(files) == FOLD_MIN_VIEWS                                # enough views for extract() to fold
-    folded = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
+    folded = extract(default_model, files, max_size=256, progress=False, workers=0, precision="fp32").descriptors
     assert inference_model(default_model, build=False) is not default_model   # the folded copy ran
     monkeypatch.setenv("GLIMR_FOLD_BN", "0")
-    plain = extract(default_model, files, max_size=256, progress=False, workers=0).descriptors
+    plain = extract(default_model, files, max_size=256, progress=False, workers=0, precision="fp32").descriptors
     np.testing.assert_allclose(folded, plain, atol=1e-5)
     assert (folded * plain).sum(axis=1).min() > 1 - 1e-6
 
@@ -106,7 +106,7 @@ def test_a_small_extract_call_does_not_make_a_copy(shared_data, randomize_bn):
     net = build_model("gem-lite0", weights="none").eval()
     randomize_bn(net)
     one = sorted((shared_data / "photos").glob("*.JPEG"))[:1]
-    extract(net, one, max_size=128, progress=False, workers=0)
+    extract(net, one, max_size=128, progress=False, workers=0, precision="fp32")
     assert inference_model(net, build=False) is net
-    extract(net, one * FOLD_MIN_VIEWS, max_size=128, progress=False, workers=0)
+    extract(net, one * FOLD_MIN_VIEWS, max_size=128, progress=False, workers=0, precision="fp32")
     assert inference_model(net, build=False) is not net

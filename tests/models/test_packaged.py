@@ -39,7 +39,7 @@ def test_packaged_model_loads_offline_and_describes_real_photos(name, shared_dat
     for k, v in ref.backbone.state_dict().items():              # the backbone is the packaged pretrained one
         assert torch.equal(net.backbone.state_dict()[k], v)
     photos = sorted((shared_data / "photos").glob("*.JPEG"))[:3]
-    d = extract(net, photos, max_size=256, workers=0, progress=False).descriptors
+    d = extract(net, photos, max_size=256, workers=0, progress=False, precision="fp32").descriptors
     assert d.shape == (3, net.dim)
     assert np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-4)
     assert (d @ d.T)[0, 1] < 0.99                                # different photos, different descriptors

@@ -106,7 +106,7 @@ def photos(shared_data):
 @pytest.fixture(scope="module")
 def plain_descs(photos):
     net = build_model("gem-lite0")
-    return extract(net, photos, max_size=SIZE, workers=0, progress=False).descriptors
+    return extract(net, photos, max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
 
 
 def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_descs, tmp_path):
@@ -115,7 +115,7 @@ def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_de
     attach_whitening(net, pcaw, source="test photos")
     assert net.dim == 16 and net.head.dim == 1280
     assert net.config["pca_whiten"] == {"dim": 16, "in_dim": 1280, "shrink": 0.0, "source": "test photos"}
-    d = extract(net, photos[:2], max_size=SIZE, workers=0, progress=False).descriptors
+    d = extract(net, photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
     # the net's stage is the formula applied to the plain descriptors
     ref = (plain_descs[:2] - pcaw.mean.numpy()) @ pcaw.proj.numpy()
     assert np.allclose(d, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-4)
@@ -128,7 +128,7 @@ def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_de
     assert set(load_file(str(st))) == {"head.pool.p", "pcaw.mean", "pcaw.proj"}
     again = build_model(checkpoint=st)
     assert isinstance(again.pcaw, PCAWhitening) and again.dim == 16
-    d2 = extract(again, photos[:2], max_size=SIZE, workers=0, progress=False).descriptors
+    d2 = extract(again, photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
     assert d2.shape == (2, 16)
     assert np.allclose(np.linalg.norm(d2, axis=1), 1, atol=1e-5)
     assert np.allclose(d2, d, atol=1e-5)
@@ -193,7 +193,7 @@ def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_d
     from glimr.cli import main as glimr_main                # registered in the one entry point
 
     assert glimr_main(["whiten", str(head_ckpt), "--out", str(out), "--images", str(train), "--dim", "16",
-                       "--max-size", str(SIZE), "--workers", "0", "--quiet",
+                       "--max-size", str(SIZE), "--workers", "0", "--quiet", "--precision", "fp32",
                        "--query-scales", "1,0.7071,0.5"]) == 0
     printed = capsys.readouterr().out
     assert "20 descriptors" in printed and "1280 -> 16" in printed and str(out) in printed
@@ -210,7 +210,8 @@ def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_d
     # re-whitening a whitened checkpoint starts from the plain descriptors again (not whitened twice)
     out2 = tmp_path / "gem-w2.safetensors"
     assert whiten_main(["whiten", str(out), "--out", str(out2), "--images", str(train), "--dim", "8",
-                        "--max-size", str(SIZE), "--workers", "0", "--quiet", "--limit", "12"]) == 0
+                        "--max-size", str(SIZE), "--workers", "0", "--quiet", "--limit", "12",
+                        "--precision", "fp32"]) == 0
     assert "replaced" in capsys.readouterr().out
     cfg2 = json.loads(out2.with_suffix(".json").read_text())
     assert cfg2["pca_whiten"]["in_dim"] == 1280 and cfg2["pca_whiten"]["dim"] == 8
@@ -231,10 +232,11 @@ def test_cli_from_a_feature_cache(head_ckpt, photos, tmp_path, capsys):
             pngs.append(tmp_path / f"{p.stem}.png")
             im.save(pngs[-1])
     net = build_model("gem-lite0")
-    cache = build_image_cache(tmp_path / "cache", net.backbone, pngs, max_size=SIZE, workers=0, progress=False)
+    cache = build_image_cache(tmp_path / "cache", net.backbone, pngs, max_size=SIZE, workers=0, progress=False,
+                              precision="fp32")
     out = tmp_path / "c.safetensors"
     assert whiten_main(["whiten", str(head_ckpt), "--out", str(out), "--cache", str(cache.root), "--dim", "12",
-                        "--quiet"]) == 0
+                        "--quiet", "--precision", "fp32"]) == 0
     assert "from cache" in capsys.readouterr().out
     w = build_model(checkpoint=out)
     assert w.dim == 12 and w.config["pca_whiten"]["source"].startswith("cache:")

@@ -144,16 +144,18 @@ def test_index_with_coattention_records(shared_data, lite0_gem, tmp_path):
         shutil.copy(shared_data / "ukbench" / f"ukbench{i:05d}.jpg", imgs)
     cfg = LocalConfig(n_select=60, clusters=1, dim=8, proxy_dim=8, codebook_size=16, codebook_dim=8, max_words=8,
                       dtype="float32")
-    kw = dict(model_name="gem-lite0", max_size=128, workers=0, chunk_size=3, progress=False, coattention=cfg)
+    kw = dict(model_name="gem-lite0", max_size=128, workers=0, chunk_size=3, progress=False, coattention=cfg,
+              precision="fp32")
     build_index(imgs, tmp_path / "idx", lite0_gem, **kw)
     with IndexStore.open(tmp_path / "idx") as st:
         recs = st.coattention_records()
         assert len(recs) == st.n_vectors == 8 and recs.dtype.itemsize == cfg.codec().nbytes
-        hits, res = search_store(st, lite0_gem, imgs / "ukbench00005.jpg", k=8, ivf=False)
+        hits, res = search_store(st, lite0_gem, imgs / "ukbench00005.jpg", k=8, ivf=False, precision="fp32")
         assert hits[0][0] == "ukbench00005.jpg" and res.n_scored == 8
         # K = 1: co-attention = cosine between the query vector and each image's (single) cluster vector
         idx = __import__("glimr.rerank.coattention", fromlist=["x"]).CoAttentionIndex.from_store(st)
-        q, _ = query_features(lite0_gem, imgs / "ukbench00005.jpg", idx.params, scales=(1.0,), max_size=128)
+        q, _ = query_features(lite0_gem, imgs / "ukbench00005.jpg", idx.params, scales=(1.0,), max_size=128,
+                              precision="fp32")
         vids, paths = st.live()
         units = idx.codec.decode_units(np.asarray(recs["codes"]))[:, 0]
         cos = units @ q
@@ -167,10 +169,31 @@ def test_index_with_coattention_records(shared_data, lite0_gem, tmp_path):
     assert (rep.added, rep.removed, rep.total) == (1, 1, 8)
     with IndexStore.open(tmp_path / "idx") as st:
         assert os.path.getsize(tmp_path / "idx" / "coattention.rec") == 9 * cfg.codec().nbytes
-        hits, _ = search_store(st, lite0_gem, imgs / "new.jpg", k=3, ivf=True, fallback="last")
+        hits, _ = search_store(st, lite0_gem, imgs / "new.jpg", k=3, ivf=True, fallback="last", precision="fp32")
         assert hits[0][0] == "new.jpg" and "ukbench00001.jpg" not in [h[0] for h in hits]
     # an index built without co-attention cannot get it later
     with pytest.raises(Exception, match="co-attention"):
         build_index(imgs, tmp_path / "plain", lite0_gem, model_name="gem-lite0", max_size=128, workers=0,
                     progress=False)
         build_index(imgs, tmp_path / "plain", lite0_gem, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_cosines_and_proxy_equal_the_decoded_records_in_float32(dtype, monkeypatch):
+    """The kernels (public torch ops only) compute, in float32, exactly what the stored records say: a_i against
+    the decoded units and the proxy against int8 x per-row scale, both to 1e-5 of a float64 reference, also
+    across the int8 conversion blocks (made small here) and on a gathered, non-contiguous set of rows."""
+    import glimr.rerank.coattention as ca
+
+    monkeypatch.setattr(ca, "_BLOCK", 7)
+    u, n = _random_db(m=90, k=5, d=24, seed=8)
+    idx = _index(u, n, dtype, proxy_dim=8)
+    q = l2n_np(np.random.default_rng(9).standard_normal(24).astype(np.float32))
+    rows = np.array([0, 3, 4, 17, 50, 89])
+    ref = idx.codec.decode_units(idx.codes[rows]).astype(np.float64) @ q.astype(np.float64)
+    got = idx.cosines(q, rows)
+    assert got.dtype == np.float32 and got.shape == (6, 5)
+    assert np.abs(got - ref).max() < 1e-5
+    qp = q[:8].astype(np.float64) / np.linalg.norm(q[:8])
+    ref_p = (idx.proxy.astype(np.float64) @ qp) * idx.proxy_scale
+    assert np.abs(idx.proxy_scores(q) - ref_p).max() < 1e-5

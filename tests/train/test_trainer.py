@@ -47,7 +47,7 @@ def _cfg(photo_dir, out, cache_dir=None, **sections) -> dict:
                    "views_per_class": 4, "batch_size": 8},
          "optim": {"epochs": 8, "batch_size": 8, "lr": 0.01, "warmup_steps": 2, "classifier_lr_mult": 10.0},
          "run": {"out": str(out), "workers": 0, "save_every": 4, "log_every": 1, "threads": 1,
-                 "progress": False}}
+                 "progress": False, "precision": "fp32"}}      # fp32: the tests compare numbers
     for sec, kv in sections.items():
         if isinstance(kv, dict):
             d.setdefault(sec, {}).update(kv)
@@ -99,7 +99,7 @@ def test_cached_head_training_equals_training_on_the_maps(photo_dir, cache_dir, 
     train(config_from_dict(_cfg(photo_dir, tmp_path / "r", cache_dir, optim={"epochs": 1})))
     cache = FeatureCache(cache_dir)
     net = build_model(checkpoint=tmp_path / "r" / "model.safetensors")
-    d = cached_descriptors(net, cache, progress=False)
+    d = cached_descriptors(net, cache, progress=False, precision="fp32")
     ds = InstanceComposites(str(photo_dir), long_side=64, views_per_class=4, clean_first=1, p_clean=0.0)
     for i in (0, 13, 31):
         img, info = ds.render(i, cache.item_sizes()[i], epoch=0)
