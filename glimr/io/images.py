@@ -115,6 +115,8 @@ def load_image(
     try:
         st = os.stat(name)
     except FileNotFoundError:
+        if os.path.islink(name):
+            raise ImageError(name, "broken symbolic link (its target is missing)", "fix or remove the link") from None
         raise ImageError(name, "file not found", "check the path") from None
     except PermissionError:
         raise ImageError(name, "permission denied", "check the file's permissions") from None
@@ -298,17 +300,29 @@ def _high_bit_depth_to_rgb(im: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------------------------- listing
 
 
-def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+def list_images(
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    *,
+    unreadable: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
     """All image files under ``root``, sorted.
 
     Picks regular files (symlinks to files included) whose extension, in any case, is in
     :data:`IMAGE_EXTENSIONS`; skips hidden files and folders (names starting with "."). With
     ``recursive``, sub-folders are walked too, following symlinked folders but never twice (no loops).
-    Returned paths are ``root`` joined with the relative path (not resolved).
+    Returned paths are ``root`` joined with the relative path (not resolved). Entries with an image
+    extension that cannot be opened as files (broken symbolic links, FIFOs, devices) are listed too, so
+    that :func:`load_image` reports them instead of their being silently left out.
+
+    unreadable: if given, receives ``(path, reason)`` for every sub-folder that could not be read
+    (permissions, I/O error) and every entry without an image extension that could not be examined (a
+    broken link may be a folder that is gone for now): their contents are not listed.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is not a folder.
+        PermissionError: ``root`` itself cannot be read.
     """
     root_path = Path(root)
     if not root_path.exists():
@@ -318,10 +332,22 @@ def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Pa
             f"not a folder: '{root_path}' (pass the folder that contains the images; "
             "to read a single image use load_image)"
         )
-    return sorted(_iter_images(root_path, recursive))
+    try:
+        with os.scandir(root_path):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"cannot read the image folder '{root_path}' ({e.strerror or e}): check its permissions"
+        ) from None
+    sink = unreadable if unreadable is not None else []
+    return sorted(_iter_images(root_path, recursive, sink))
 
 
-def _iter_images(root: Path, recursive: bool) -> Iterator[Path]:
+def _iter_images(
+    root: Path, recursive: bool = True, unreadable: list[tuple[Path, str]] | None = None
+) -> Iterator[Path]:
+    if unreadable is None:
+        unreadable = []
     seen: set[tuple[int, int]] = set()
     st = os.stat(root)
     seen.add((st.st_dev, st.st_ino))
@@ -331,23 +357,34 @@ def _iter_images(root: Path, recursive: bool) -> Iterator[Path]:
         try:
             with os.scandir(folder) as it:
                 entries = list(it)
-        except PermissionError:
-            continue  # an unreadable sub-folder is skipped, like `find` does with a warning
+        except OSError as e:  # an unreadable sub-folder is skipped (reported), like `find` does
+            unreadable.append((Path(folder), f"cannot read folder ({e.strerror or e})"))
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             try:
                 if entry.is_file():
-                    if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    if is_image:
                         yield Path(entry.path)
-                elif recursive and entry.is_dir():
+                elif entry.is_dir():
+                    if not recursive:
+                        continue
                     est = entry.stat()  # follows symlinks: identifies the real folder
                     key = (est.st_dev, est.st_ino)
                     if key not in seen:
                         seen.add(key)
                         stack.append(entry.path)
-            except OSError:  # vanished or broken entry
-                continue
+                elif is_image:  # broken link, FIFO, socket, device: reported by load_image
+                    yield Path(entry.path)
+                elif entry.is_symlink():
+                    unreadable.append((Path(entry.path), "broken symbolic link"))
+            except OSError as e:  # vanished, a link loop, an I/O error
+                if is_image:
+                    yield Path(entry.path)
+                else:
+                    unreadable.append((Path(entry.path), f"cannot examine it ({e.strerror or e})"))
 
 
 # --------------------------------------------------------------------------------------------- hashing

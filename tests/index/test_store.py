@@ -9,8 +9,14 @@ import time
 import numpy as np
 import pytest
 
+from glimr.extract.multiscale import ExtractSettings
 from glimr.index.build import build_index
-from glimr.index.store import IndexConfig, IndexStore, IndexStoreError, Row
+from glimr.index.settings import IndexConfig, IndexSettings
+from glimr.index.store import IndexStore, IndexStoreError, Row
+
+
+def _cfg(dim: int, max_size: int = 512) -> IndexConfig:
+    return IndexConfig(ExtractSettings(model="gem-lite0", max_size=max_size), IndexSettings(dim=dim))
 
 
 def _copy_ukb(shared_data, dst, idx):
@@ -93,13 +99,13 @@ def test_incompatible_settings_and_wrong_folders_are_refused(shared_data, lite0_
         build_index(imgs, imgs, lite0_gem, model_name="gem-lite0", workers=0, progress=False)
     with pytest.raises(FileNotFoundError, match="nope"):
         build_index(tmp_path / "nope", tmp_path / "idx2", lite0_gem, model_name="gem-lite0", progress=False)
-    with IndexStore.create_or_open(tmp_path / "idx", IndexConfig("gem-lite0", 1280, max_size=128)):
-        with pytest.raises(IndexStoreError, match="another process"):
-            IndexStore.create_or_open(tmp_path / "idx", IndexConfig("gem-lite0", 1280, max_size=128))
+    with IndexStore.create_or_open(tmp_path / "idx", _cfg(1280, max_size=128)), \
+            pytest.raises(IndexStoreError, match="another process"):
+        IndexStore.create_or_open(tmp_path / "idx", _cfg(1280, max_size=128))
 
 
 def test_uncommitted_vectors_are_dropped_on_reopen(tmp_path):
-    cfg = IndexConfig("gem-lite0", 4)
+    cfg = _cfg(4)
     with IndexStore.create_or_open(tmp_path / "idx", cfg) as st:
         st.commit_chunk([Row("a.jpg", "h", 1, 1.0, "ok", None, None)], np.ones((1, 4), np.float32))
     with open(tmp_path / "idx" / "vectors.f32", "ab") as f:  # a killed build appended but never committed

@@ -489,14 +489,17 @@ def test_list_images(tmp_path: Path, jpeg_path: Path):
         shutil.copyfile(jpeg_path, f)
     (tmp_path / "folder.jpg").mkdir()  # a folder with an image extension is not an image
     (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)  # no infinite walk
-    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")  # listed, so that it is reported
+    (tmp_path / "gone_folder").symlink_to(tmp_path / "missing", target_is_directory=True)
 
-    found = list_images(tmp_path)
+    unreadable: list = []
+    found = list_images(tmp_path, unreadable=unreadable)
     rel = [p.relative_to(tmp_path).as_posix() for p in found]
     assert rel == [
         "a.jpg",
         "b.JPG",
         "c.PnG",
+        "dangling.jpg",
         "sub/deeper/f.webp",
         "sub/e.jpeg",
         "sub/g.TIFF",
@@ -508,7 +511,10 @@ def test_list_images(tmp_path: Path, jpeg_path: Path):
     ]
     assert found == sorted(found)
     assert all(isinstance(p, Path) and p.parent.exists() for p in found)
-    assert [p.name for p in list_images(str(tmp_path), recursive=False)] == ["a.jpg", "b.JPG", "c.PnG"]
+    assert unreadable == [(tmp_path / "gone_folder", "broken symbolic link")]
+    assert [p.name for p in list_images(str(tmp_path), recursive=False)] == ["a.jpg", "b.JPG", "c.PnG", "dangling.jpg"]
+    with pytest.raises(ImageError, match="dangling.jpg.*broken symbolic link"):
+        load_image(tmp_path / "dangling.jpg")
 
 
 def test_list_images_real_folder(shared_data: Path):
