@@ -19,7 +19,7 @@ from glimr.extract.local import CoAttentionParams, LocalConfig, extract_local, f
 from glimr.extract.multiscale import ExtractSettings, extract
 from glimr.index.settings import IndexConfig, IndexSettings
 from glimr.index.store import IndexStore, IndexStoreError, Row, db_path
-from glimr.io.images import DEFAULT_MAX_PIXELS, content_hash, list_images
+from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, content_hash, list_images
 
 PRUNE_FRACTION = 0.5      # a build that would remove more than this share of an index needs --prune
 COMPACT_FRACTION = 0.5    # vectors.f32 is compacted when more than this share of its rows is dead
@@ -104,9 +104,8 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
         skipped_dirs = [(db_path(d.relative_to(root).as_posix()) + "/", why) for d, why in unscanned]
         for prefix, why in skipped_dirs:
             kept = {g for g in gone if g.startswith(prefix)}
-            if kept or why.startswith("cannot read folder"):
-                tqdm.write(f"warning: '{root / prefix}': {why}; it was not scanned"
-                           + (f", its {len(kept)} indexed images are kept" if kept else ""), file=sys.stderr)
+            tqdm.write(f"warning: '{root / prefix}': {why}; it was not scanned"
+                       + (f", its {len(kept)} indexed images are kept" if kept else ""), file=sys.stderr)
             gone -= kept
             rep.kept_unscanned += len(kept)
         gone = sorted(gone)
@@ -128,7 +127,7 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
             try:
                 st = p.stat()
             except OSError as e:  # vanished or unreadable since the listing (a broken link...)
-                todo.append((p, rel, None, f"cannot read image '{p}': {e.strerror or e}. check the file"))
+                todo.append((p, rel, None, _stat_error(p, e)))
                 continue
             if old is not None and old.size == st.st_size and old.mtime == st.st_mtime:
                 rep.unchanged += 1
@@ -231,3 +230,11 @@ def _hash_or_none(p: Path, st: os.stat_result | None = None) -> str | None:
         return content_hash(p)
     except OSError:
         return None
+
+
+def _stat_error(p: Path, e: OSError) -> str:
+    if isinstance(e, FileNotFoundError) and os.path.islink(p):
+        return str(ImageError(p, "broken symbolic link (its target is missing)", "fix or remove the link"))
+    if isinstance(e, FileNotFoundError):
+        return str(ImageError(p, "the file disappeared during the build", "nothing to do if it was removed"))
+    return str(ImageError(p, f"cannot access the file ({e.strerror or e})", "check the file and its folder"))

@@ -87,6 +87,7 @@ class IndexStore:
         self._vec_path = self.dir / "vectors.f32"
         self._rec_path = self.dir / "coattention.rec" if config.coattention else None
         self._faiss = None
+        self._wal = False
 
     # ---- opening for a build ---------------------------------------------------------------------------
     @classmethod
@@ -149,6 +150,11 @@ class IndexStore:
         os.chmod(self.dir / "index.json", _umask_mode())
         if self.db is None:
             self._open_db()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            raise IndexStoreError(f"'{self.dir / 'meta.sqlite'}' cannot be written ({e})") from None
+        self._wal = True
         for p in (self._vec_path, self._rec_path):
             if p is not None and not p.exists():
                 p.touch()
@@ -165,9 +171,10 @@ class IndexStore:
         return store
 
     def _open_db(self) -> None:
+        """The database, opened for writing; the journal switches to WAL only in :meth:`save_config`, so a
+        build refused by its checks leaves the file byte for byte as it was."""
         try:
             self.db = sqlite3.connect(self.dir / "meta.sqlite", isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
@@ -259,7 +266,7 @@ class IndexStore:
 
     def close(self) -> None:
         if self.db is not None:
-            if self.writable:
+            if self._wal:
                 try:  # leave no -wal/-shm files behind, so read-only searches need to create nothing
                     self.db.execute("PRAGMA journal_mode=DELETE")
                 except sqlite3.Error:
