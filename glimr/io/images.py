@@ -101,7 +101,9 @@ def load_image(
         max_pixels: refuse images whose declared width * height exceeds this, before decoding.
         target_size: the longest side the caller will resize to, if known. JPEGs are then decoded at a
             reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) whose longest side is still
-            >= ``target_size``; other formats are decoded at full size.
+            >= ``target_size``; other formats are decoded at full size (PIL has no reduced decoding for
+            them) and at once box-reduced by the largest integer factor that keeps the longest side
+            >= ``target_size``, strip by strip, so that no further full-size copy is made.
 
     Returns:
         A fully loaded image in mode ``"RGB"``: EXIF orientation applied, first frame of multi-frame
@@ -198,6 +200,10 @@ def _decode_unlocked(fp: IO[bytes], name: str, max_pixels: int, target_size: int
             if target_size is not None and im.format in ("JPEG", "MPO"):
                 _draft(im, target_size)
             im.load()  # full decode of the first frame: truncated or corrupt data raises here
+            if target_size is not None and im.format not in ("JPEG", "MPO"):
+                small = _reduced_rgb(im, target_size)
+                if small is not None:
+                    return _transpose(small, _orientation(im))
             im = _exif_transpose(im)
             return _to_rgb(im)
     except ImageError:
@@ -224,6 +230,55 @@ def _draft(im: Image.Image, target_size: int) -> None:
             # size = (w // s, h // s) that is exactly s (or less for extremely thin images).
             im.draft(None, (max(1, width // s), max(1, height // s)))
             return
+
+
+_STRIP_BYTES = 8 << 20  # converted and reduced this many bytes of the decoded raster at a time
+
+
+def _reduced_rgb(im: Image.Image, target_size: int) -> Image.Image | None:
+    """The decoded image reduced by the largest integer factor f that keeps its longest side >= target_size
+    (box average, PIL's ``reduce``), converted to RGB strip by strip: no full-resolution copy is ever made
+    (no RGBA premultiplied copy, no RGB conversion, no rotation, no resize at full size). None when f < 2 or the
+    conversion is not per-pixel (32-bit integer and float images are stretched by their global min/max).
+
+    Formats other than JPEG have no reduced decoding in PIL/libpng, so the decoded raster itself (width x
+    height x bands bytes, e.g. 144 MiB for a 48 MP RGB PNG) is the one full-size allocation; max_pixels bounds
+    it."""
+    w, h = im.size
+    f = max(w, h) // target_size
+    if f < 2 or im.mode in ("I", "F"):
+        return None
+    bands = max(1, len(im.getbands()))
+    rows = max(1, _STRIP_BYTES // max(1, w * bands * f)) * f  # a multiple of f: the blocks match one reduce()
+    out = Image.new("RGB", (-(-w // f), -(-h // f)))
+    for y in range(0, h, rows):
+        strip = im.crop((0, y, w, min(h, y + rows)))  # keeps the palette and the "transparency" entry
+        out.paste(_to_rgb(strip).reduce(f), (0, y // f))
+    return out
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 (malformed EXIF of any kind: keep the stored orientation)
+        return 1
+
+
+def _transpose(im: Image.Image, orientation: int) -> Image.Image:
+    """The EXIF orientation applied to an already converted image (as ImageOps.exif_transpose would)."""
+    method = _TRANSPOSE.get(orientation)
+    return im.transpose(method) if method is not None else im
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:

@@ -454,10 +454,40 @@ def test_draft_with_exif_rotation_and_bytes(tmp_path: Path, photo: Image.Image, 
     assert load_image_bytes(jpeg_path.read_bytes(), target_size=100).size == (160, 120)
 
 
-def test_target_size_ignored_for_png(tmp_path: Path, small: Image.Image):
+def test_png_reduced_for_target_size(tmp_path: Path, photo: Image.Image):
+    """A PNG loaded for a smaller view is box-reduced by the largest integer factor that keeps the longest side
+    >= target_size (strip by strip: the same pixels as one reduce() of the whole image), alpha onto white and
+    EXIF orientation applied as for a full decode."""
     p = tmp_path / "a.png"
-    small.save(p)
-    assert load_image(p, target_size=10).size == small.size
+    photo.save(p)  # 640x480
+    assert load_image(p, target_size=2000).size == (640, 480)   # nothing to gain: full decode
+    assert load_image(p, target_size=400).size == (640, 480)    # factor 1
+    im = load_image(p, target_size=200)                          # factor 3
+    _assert_rgb(im, (214, 160))
+    np.testing.assert_array_equal(_arr(im), _arr(photo.reduce(3)))
+    # with several strips (a tiny strip budget) the result is the same
+    from glimr.io import images as mod
+
+    saved = mod._STRIP_BYTES
+    mod._STRIP_BYTES = 640 * 3 * 3 * 2  # 6 rows per strip
+    try:
+        np.testing.assert_array_equal(_arr(load_image(p, target_size=200)), _arr(photo.reduce(3)))
+    finally:
+        mod._STRIP_BYTES = saved
+    # RGBA: composited onto white like the full decode, then reduced
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(tmp_path / "b.png")
+    full = load_image(tmp_path / "b.png")
+    red = load_image(tmp_path / "b.png", target_size=300)
+    assert red.size == (320, 240)
+    assert np.abs(_arr(red) - _arr(full.reduce(2))).max() <= 1
+    # EXIF rotation is applied to the reduced image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "c.png", exif=exif)
+    np.testing.assert_array_equal(_arr(load_image(tmp_path / "c.png", target_size=200)),
+                                  _arr(load_image(tmp_path / "c.png").reduce(3)))
 
 
 # ----------------------------------------------------------------------------------------- listing
