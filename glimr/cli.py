@@ -79,7 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> No
                    help="1, 3, 5 or a comma list like 1,0.7071,1.4142 (each > 0 and <= 8, at most 16)")
     p.add_argument("--max-size", type=_int_arg(1, MAX_SIDE), default=512,
                    help=f"longest image side before scaling (1..{MAX_SIDE})")
-    p.add_argument("--batch-size", type=_int_arg(1, MAX_BATCH), default=16, help=f"1..{MAX_BATCH}")
+    p.add_argument("--batch-size", type=_int_arg(1, MAX_BATCH), default=8,
+                   help=f"images per forward pass, 1..{MAX_BATCH} (8: on a 2-core CPU as fast as 16, ~200 MiB less "
+                        "peak memory; benchmarks/results/memory.md)")
     p.add_argument("--workers", type=_int_arg(0, MAX_WORKERS), default=None,
                    help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

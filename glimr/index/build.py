@@ -46,7 +46,7 @@ class BuildReport:
 
 
 def make_settings(model, *, model_name: str | None = None, checkpoint: str | None = None, scales=(1.0,),
-                  max_size: int = 512, precision: str = "auto", batch_size: int = 16, workers: int | None = None,
+                  max_size: int = 512, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "Flat", chunk_size: int = 256,
                   coattention: LocalConfig | None = None) -> tuple[ExtractSettings, IndexSettings]:
     """Both settings objects from loose values (ValueError naming the bad one; the checkpoint is hashed)."""

@@ -1,18 +1,26 @@
 """An index folder: descriptors + metadata, built incrementally, committed atomically, resumable.
 
-    DIR/index.json     what made the descriptors (model, checkpoint, scales, max size, dim, FAISS factory)
+    DIR/index.json     what made the descriptors and how the index is organised (glimr.index.settings:
+                       ExtractSettings with the checkpoint's absolute path and sha256, IndexSettings), validated
+                       when read
     DIR/meta.sqlite    table `images` (path relative to the image root, content hash, size, mtime, status,
                        error, vid) and table `meta` (n_vectors: committed rows of vectors.f32)
-    DIR/vectors.f32    float32 descriptors, one row per vid, append-only
+    DIR/vectors.f32    float32 descriptors, one row per vid, append-only between compactions
     DIR/faiss.index    FAISS index over the live rows (ids = vid), rebuilt atomically after each build
     DIR/faiss.json     how many committed vectors the FAISS file reflects (stale -> rebuilt from vectors.f32)
     DIR/coattention.rec  (only with --coattention) fixed-size co-attention records, one per vid, append-only
                        (glimr.extract.local.RecordCodec); DIR/coattention/ holds their parameters (.npy + .json)
+    DIR/.lock          flock()ed by the one process that writes
 
 Durability: a chunk's vectors are appended and fsynced, then its rows and the new n_vectors are committed in
 one SQLite transaction. A build killed at any point leaves at most some uncommitted tail rows in
 vectors.f32, which the next open truncates: nothing committed is lost and nothing is added twice. The
 co-attention records follow the same rule: appended and fsynced with the vectors, counted by the same n_vectors.
+Compaction (IndexStore.compact) writes compacted copies, commits the renumbering with a `compact_swap` mark, then
+renames; every step is finished or undone by the next open.
+
+Opening: IndexStore.open (search) is the one place that checks a folder, read-only; IndexStore.for_build (build)
+takes the lock first and writes nothing until save_config().
 """
 from __future__ import annotations
 
