@@ -228,6 +228,9 @@ def _index_extras(args) -> None:
             k = args.diffusion_k or (old.k if old is not None else 50)
             g = build_for_store(store, k=k)
             print(f"diffusion graph: {g.n} images, {g.S.nnz} edges (mutual {k}-NN)")
+    from glimr.index.store import share_files
+
+    share_files(Path(args.index))  # files written through mkstemp (0600) readable like the rest
 
 
 def cmd_index_info(args) -> int:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from glimr.extract.local import CoAttentionParams, LocalConfig, extract_local, fit_params, sample_items
 from glimr.extract.multiscale import ExtractSettings, extract
 from glimr.index.settings import IndexConfig, IndexSettings
-from glimr.index.store import IndexStore, IndexStoreError, Row, db_path
+from glimr.index.store import IndexStore, IndexStoreError, Row, db_path, share_files
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, content_hash, list_images
 
 PRUNE_FRACTION = 0.5      # a build that would remove more than this share of an index needs --prune
@@ -179,6 +179,7 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
             rep.compacted = store.compact(progress=progress)
         if not store.faiss_is_current():
             store.rebuild_faiss()
+        share_files(store.dir)
         rep.total = store.stats()["images"]
     return rep
 

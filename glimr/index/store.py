@@ -601,3 +601,15 @@ def _fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def share_files(d: Path) -> None:
+    """Give the files of an index folder (and its sub-folders: coattention/, diffusion/) the umask's mode:
+    atomic writes go through mkstemp, which creates 0600 files that other users could not search."""
+    mode = _umask_mode()
+    for p in Path(d).rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600 and mode != 0o600:
+                os.chmod(p, mode)
+        except OSError:
+            pass

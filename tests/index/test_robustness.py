@@ -278,10 +278,13 @@ def test_read_only_index_is_searchable_and_search_writes_nothing(shared_data):
     try:
         imgs = copy_ukb(shared_data, base / "imgs", range(6))
         r = _cli("index", "build", imgs, "--index", base / "idx", "--model", "gem-lite0", "--max-size", "128",
-                 "--workers", "0", "--precision", "fp32")
+                 "--workers", "0", "--precision", "fp32", "--diffusion", "--diffusion-k", "3")
         assert r.returncode == 0, r.stderr
-        modes = {p.name: p.stat().st_mode & 0o777 for p in (base / "idx").iterdir()}
-        assert modes["index.json"] == modes["faiss.index"] == modes["faiss.json"] == modes["meta.sqlite"] == 0o644
+        modes = {p.relative_to(base / "idx").as_posix(): p.stat().st_mode & 0o777
+                 for p in (base / "idx").rglob("*") if p.is_file()}
+        assert {"index.json", "faiss.index", "faiss.json", "meta.sqlite", "vectors.f32"} <= set(modes)
+        assert any(k.startswith("diffusion/") for k in modes)
+        assert set(modes.values()) == {0o644}, modes  # umask 022: nothing 0600
         before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in (base / "idx").iterdir()}
         (base / "idx" / "faiss.index").unlink()  # and it must rebuild FAISS in memory, without saving it
         r = _cli("search", base / "idx", imgs / "ukbench00005.jpg", "--top", "3", "--json", user="nobody")
