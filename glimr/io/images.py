@@ -248,6 +248,8 @@ def _reduced_rgb(im: Image.Image, target_size: int) -> Image.Image | None:
     f = max(w, h) // target_size
     if f < 2 or im.mode in ("I", "F"):
         return None
+    if im.mode in ("RGB", "L") and "transparency" not in im.info:  # reduce() makes no full-size copy of these
+        return im.reduce(f).convert("RGB")
     bands = max(1, len(im.getbands()))
     rows = max(1, _STRIP_BYTES // max(1, w * bands * f)) * f  # a multiple of f: the blocks match one reduce()
     out = Image.new("RGB", (-(-w // f), -(-h // f)))
