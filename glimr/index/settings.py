@@ -40,7 +40,7 @@ def check_factory(dim: int, factory: str) -> None:
             ix.add_with_ids(x, np.arange(4, dtype=np.int64))
             ix.search(x[:1], 2)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1][:300]
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip().splitlines()[-1])[:300]
         raise ValueError(f"bad FAISS factory string {factory!r} (--factory) for dimension {dim}: {reason}") from None
 
 
