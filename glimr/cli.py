@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from glimr import __version__
+from glimr.config import float_in, int_in
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -21,21 +22,50 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+MAX_TOP = 10_000            # `glimr search --top`: at most this many results
+
+
+def _scales_arg(text: str) -> str:
+    from glimr.extract.multiscale import parse_scales
+
+    try:
+        parse_scales(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _box_arg(text: str) -> str:
+    from glimr.extract.multiscale import parse_box
+
+    try:
+        parse_box(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> None:
+    from glimr.extract.multiscale import MAX_BATCH, MAX_PIXELS_LIMIT, MAX_SIDE, MAX_WORKERS
     from glimr.models.registry import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name HEAD-BACKBONE (see `glimr models`)")
     p.add_argument("--checkpoint", default=None, help="trained checkpoint (.safetensors with its .json)")
     p.add_argument("--weights", default="pretrained", choices=["pretrained", "none"],
                    help="backbone weights when no checkpoint is given (ResNet pretrained needs a network once)")
-    p.add_argument("--scales", default=scales_default, help="1, 3, 5 or a comma list like 1,0.7071,1.4142")
-    p.add_argument("--max-size", type=int, default=512, help="longest image side before scaling")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--scales", default=scales_default, type=_scales_arg,
+                   help="1, 3, 5 or a comma list like 1,0.7071,1.4142 (each > 0 and <= 8, at most 16)")
+    p.add_argument("--max-size", type=int_in(1, MAX_SIDE), default=512,
+                   help=f"longest image side before scaling (1..{MAX_SIDE})")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=8,
+                   help=f"images per forward pass, 1..{MAX_BATCH} (8: on a 2-core CPU as fast as 16, ~200 MiB less "
+                        "peak memory; benchmarks/results/memory.md)")
+    p.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=None,
                    help="image-decoding processes (default: 0 = in the main process on machines with <= 2 cores, else min(4, cores/2))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 where the CPU/GPU has native bf16, else fp32")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this (decompression bombs)")
+    p.add_argument("--max-pixels", type=int_in(1, MAX_PIXELS_LIMIT), default=None,
+                   help="refuse images larger than this (decompression bombs; default 100,000,000)")
 
 
 def load_model_from_args(args):
@@ -69,26 +99,50 @@ def cmd_models(args) -> int:
     return 0
 
 
+def extract_settings_from_args(args):
+    """The validated ExtractSettings of --model/--checkpoint/--scales/--max-size/... (ValueError otherwise)."""
+    from glimr.extract.multiscale import ExtractSettings, parse_scales
+
+    return ExtractSettings.with_checkpoint(args.checkpoint, model=args.model, scales=parse_scales(args.scales),
+                                           max_size=args.max_size, precision=args.precision,
+                                           batch_size=args.batch_size, workers=args.workers,
+                                           max_pixels=_max_pixels(args))
+
+
+def _list_or_error(root: Path, unreadable=None):
+    from glimr.io.images import list_images
+
+    return list_images(root, unreadable=unreadable)
+
+
 def cmd_extract(args) -> int:
     import io
 
     import numpy as np
 
-    from glimr.extract.multiscale import extract, parse_scales
+    from glimr.extract.multiscale import extract
     from glimr.io.atomic import atomic_write_bytes
-    from glimr.io.images import list_images
 
+    settings = extract_settings_from_args(args)
     root = Path(args.images_dir)
-    files = list_images(root)
+    unreadable: list = []
+    try:
+        files = _list_or_error(root, unreadable)
+    except PermissionError as e:
+        print(f"glimr extract: error: {e}", file=sys.stderr)
+        return 2
+    for d, why in unreadable:
+        print(f"warning: '{d}': {why}; it was not scanned", file=sys.stderr)
     if not files:
         print(f"no images found under '{root}'", file=sys.stderr)
         return 2
     model = load_model_from_args(args)
-    res = extract(model, files, scales=parse_scales(args.scales), max_size=args.max_size,
-                  batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                  max_pixels=_max_pixels(args))
+    if not args.checkpoint:
+        settings = settings.replace(model=getattr(model, "name", None) or args.model)
+    res = extract(model, files, settings=settings)
     ok = res.ok
-    names = np.array([p.relative_to(root).as_posix() for p in files])[ok]
+    names = np.array([p.relative_to(root).as_posix().encode("utf-8", "surrogateescape")
+                      .decode("utf-8", "backslashreplace") for p in files])[ok]
     out = Path(args.out)
     buf = io.BytesIO()
     np.savez(buf, names=names, descriptors=res.descriptors[ok].astype(np.float32))
@@ -99,10 +153,9 @@ def cmd_extract(args) -> int:
 
 
 def cmd_index_build(args) -> int:
-    from glimr.extract.multiscale import parse_scales
     from glimr.index.build import build_index
+    from glimr.index.settings import IndexSettings
 
-    model = load_model_from_args(args)
     ca = None
     if args.coattention:
         from glimr.extract.local import LocalConfig
@@ -110,14 +163,31 @@ def cmd_index_build(args) -> int:
         ca = LocalConfig(n_select=args.ca_n, clusters=args.ca_clusters, dim=args.ca_dim, dtype=args.ca_dtype,
                          codebook_size=args.ca_codebook, max_words=args.ca_max_words,
                          proxy_dim=min(64, args.ca_dim), pca_whiten=args.ca_pca_whiten)
-    rep = build_index(args.images_dir, args.index, model, model_name=args.model if not args.checkpoint
-                      else model.name, checkpoint=args.checkpoint, scales=parse_scales(args.scales),
-                      max_size=args.max_size, factory=args.factory, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                      max_pixels=_max_pixels(args), coattention=ca, ca_samples=args.ca_samples,
-                      ca_sample_count=args.ca_sample_count)
+    settings = extract_settings_from_args(args)  # validated before the model is even built
+    if not Path(args.images_dir).is_dir():
+        _list_or_error(Path(args.images_dir))  # FileNotFoundError / NotADirectoryError naming it
+    model = load_model_from_args(args)
+    if args.checkpoint:
+        settings = settings.replace(model=model.name)
+    ca_json = {"config": ca.to_json(), "record_bytes": ca.codec().nbytes} if ca is not None else None
+    index_settings = IndexSettings(dim=int(model.dim), factory=args.factory, chunk_size=args.chunk_size,
+                                   coattention=ca_json)  # tries the FAISS factory on a dummy index
+    try:
+        rep = build_index(args.images_dir, args.index, model, settings=settings, index_settings=index_settings,
+                          prune=args.prune, ca_samples=args.ca_samples, ca_sample_count=args.ca_sample_count)
+    except PermissionError as e:
+        print(f"glimr index build: error: {e}", file=sys.stderr)
+        return 2
     _index_extras(args)
     print(rep)
+    return 0
+
+
+def cmd_index_compact(args) -> int:
+    from glimr.index.build import compact_index
+
+    n = compact_index(args.index)
+    print(f"{args.index}: {n} dead vector rows dropped" if n else f"{args.index}: nothing to compact")
     return 0
 
 
@@ -136,11 +206,14 @@ def _index_extras(args) -> None:
 
         gdir = store.dir / "diffusion"
         current = DiffusionGraph.load(gdir, graph_state(store)) if (gdir / "graph.json").is_file() else None
-        if args.diffusion or ((gdir / "graph.json").is_file() and current is None):
+        if args.diffusion or ((gdir / "graph.json").is_file() and current is None):  # refresh it
             old = DiffusionGraph.load(gdir) if (gdir / "graph.json").is_file() else None
             k = args.diffusion_k or (old.k if old is not None else 50)
             g = build_for_store(store, k=k)
             print(f"diffusion graph: {g.n} images, {g.S.nnz} edges (mutual {k}-NN)")
+    from glimr.index.store import share_files
+
+    share_files(Path(args.index))  # files written through mkstemp (0600) readable like the rest
 
 
 def cmd_index_info(args) -> int:
@@ -158,6 +231,7 @@ def open_index_model(store):
     from glimr.models.registry import build_model
 
     cfg = store.config
+    cfg.extract.check_checkpoint()  # the recorded file, unchanged (sha256), or a clear error
     return build_model(cfg.model, checkpoint=cfg.checkpoint)
 
 
@@ -177,7 +251,16 @@ def cmd_search(args) -> int:
     from glimr.extract.multiscale import extract, parse_box
     from glimr.index.store import IndexStore
 
+    if not Path(args.image).exists():
+        print(f"glimr search: error: query image not found: '{args.image}'", file=sys.stderr)
+        return 2
     with IndexStore.open(args.index) as store:
+        n_live = store.stats()["images"]
+        if n_live == 0:
+            print(f"glimr search: index '{args.index}' has no searchable images (see `glimr index info "
+                  f"{args.index} --errors`)", file=sys.stderr)
+            return 1
+        args.top = min(args.top, n_live)
         model = open_index_model(store)
         box = parse_box(args.crop) if args.crop else None
         if args.rerank == "coattention":
@@ -192,9 +275,10 @@ def cmd_search(args) -> int:
                                    temperature=args.temperature, ivf=not args.no_ivf, shortlist=args.shortlist,
                                    fallback=args.fallback)
         else:
-            res = extract(model, [args.image], scales=search_query_scales(args, store, model),
-                          max_size=store.config.max_size,
-                          boxes=[box], workers=0, progress=False, report_errors=False, precision=args.precision)
+            settings = store.config.extract.replace(scales=search_query_scales(args, store, model), workers=0,
+                                                    precision=args.precision)
+            res = extract(model, [args.image], settings=settings, boxes=[box], progress=False,
+                          report_errors=False)
             if res.errors:
                 print(res.errors[0], file=sys.stderr)
                 return 2
@@ -262,37 +346,51 @@ def build_parser() -> argparse.ArgumentParser:
                                     "stopped.\n\nexample:\n  glimr index build photos/ --index my-index "
                                     "--model gem-lite0 --scales 3\n"
                                     "  glimr index build photos/ --index ca-index --coattention --diffusion "
-                                    "--scales 0.3536,0.5,0.7071,1,1.4142")
+                                    "--scales 0.3536,0.5,0.7071,1,1.4142\n"
+                                    "  glimr index build other/ --index my-index --prune   (really drop the rest)\n\n"
+                                    "Dead vector rows (removed or changed images) are compacted away when they "
+                                    "exceed half of vectors.f32; `glimr index compact` does it now.")
     b.add_argument("images_dir")
     b.add_argument("--index", required=True, help="index folder (created if missing)")
     _add_model_args(b)
-    b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF4096,PQ64 ...")
-    b.add_argument("--chunk-size", type=int, default=256, help="images committed per transaction")
+    b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF4096,PQ64 ... "
+                   "(tried on a dummy index before anything is written)")
+    b.add_argument("--chunk-size", type=int_in(1, 1_000_000), default=256, help="images committed per transaction")
+    b.add_argument("--prune", action="store_true",
+                   help="allow removing more than half of the index's images (or all of them) when they are no "
+                        "longer under IMAGES_DIR; without it such a build is refused and nothing changes")
     ca = b.add_argument_group("co-attention (Hu & Bors 2023) and diffusion; used by `glimr search --rerank`")
     ca.add_argument("--coattention", action="store_true",
                     help="also store per image the co-attention features (same forward pass, the index's --scales; "
                          "the paper uses 0.3536,0.5,0.7071,1,1.4142). Only when the index is created")
-    ca.add_argument("--ca-n", type=int, default=500, help="N: local features selected by L2 norm")
-    ca.add_argument("--ca-clusters", type=int, default=10, help="K: clusters per image")
-    ca.add_argument("--ca-dim", type=int, default=256, help="D': PCA dimension (paper 512)")
+    ca.add_argument("--ca-n", type=int_in(1, 100000), default=500, help="N: local features selected by L2 norm")
+    ca.add_argument("--ca-clusters", type=int_in(1, 1024), default=10, help="K: clusters per image")
+    ca.add_argument("--ca-dim", type=int_in(1, 4096), default=256, help="D': PCA dimension (paper 512)")
     ca.add_argument("--ca-dtype", default="int8", choices=["float32", "float16", "int8"],
                     help="stored cluster features (paper float32: 20 KB/image at K=10, D'=512)")
-    ca.add_argument("--ca-codebook", type=int, default=4096, help="visual words of the inverted file (paper 65536)")
-    ca.add_argument("--ca-max-words", type=int, default=128, help="words kept per image; 0 = no inverted file")
+    ca.add_argument("--ca-codebook", type=int_in(1, 1048576), default=4096, help="visual words of the inverted file (paper 65536)")
+    ca.add_argument("--ca-max-words", type=int_in(0, 65536), default=128, help="words kept per image; 0 = no inverted file")
     ca.add_argument("--ca-pca-whiten", action="store_true",
                     help="PCA-whiten the co-attention features (not in the paper; for models without a whitening "
                          "layer, e.g. the ImageNet backbones)")
     ca.add_argument("--ca-samples", default=None,
                     help="folder of sample images to learn the PCA and codebook from (default: the indexed folder)")
-    ca.add_argument("--ca-sample-count", type=int, default=1000, help="sample images used at most")
+    ca.add_argument("--ca-sample-count", type=int_in(1, 1000000), default=1000, help="sample images used at most")
     ca.add_argument("--diffusion", action="store_true", help="build (or refresh) the database k-NN graph")
-    ca.add_argument("--diffusion-k", type=int, default=None, help="graph neighbours (default 50)")
+    ca.add_argument("--diffusion-k", type=int_in(1, 1000), default=None, help="graph neighbours (default 50)")
     b.set_defaults(func=cmd_index_build)
     i = isub.add_parser("info", help="what an index holds", formatter_class=_Formatter,
                         description="example:\n  glimr index info my-index --errors")
     i.add_argument("index")
     i.add_argument("--errors", action="store_true", help="list the files that could not be read")
     i.set_defaults(func=cmd_index_info)
+    c = isub.add_parser("compact", help="drop the dead rows of vectors.f32 now (resumable if killed)",
+                        formatter_class=_Formatter,
+                        description="Rewrite vectors.f32 (and coattention.rec) without the rows of removed or "
+                                    "re-embedded images. A build does it by itself when they exceed half.\n\n"
+                                    "example:\n  glimr index compact my-index")
+    c.add_argument("index")
+    c.set_defaults(func=cmd_index_compact)
 
     p = sub.add_parser("search", help="search an index with an image", formatter_class=_Formatter,
                        description="example:\n  glimr search my-index query.jpg --crop 40,30,400,380 --top 10 --json\n"
@@ -302,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(query pyramid; the database keeps the index's scales)")
     p.add_argument("index", help="index folder made by `glimr index build`")
     p.add_argument("image", help="query image")
-    p.add_argument("--crop", default=None, help="query box x0,y0,x1,y1 in the image's pixels")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--crop", default=None, type=_box_arg, help="query box x0,y0,x1,y1 in the image's pixels")
+    p.add_argument("--top", type=int_in(1, MAX_TOP), default=10,
+                   help=f"results to show (1..{MAX_TOP}; at most the index's size)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--query-scales", default=None,
+    p.add_argument("--query-scales", default=None, type=_scales_arg,
                    help="scales of the query (1, 3, 5 or a comma list like 1,0.7071,0.5); default: the model's "
                         "recommended query scales (checkpoint config) if any, else the index's --scales. "
                         "Not used by --rerank coattention (it has its own)")
@@ -314,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion"],
                    help="coattention: needs an index built with --coattention; diffusion: with --diffusion; "
                         "qe = alpha-QE, aqe = average QE")
-    r.add_argument("--qe-n", type=int, default=0, help="query expansion neighbours (qe/aqe: default 2; "
+    r.add_argument("--qe-n", type=int_in(0, 1000), default=0, help="query expansion neighbours (qe/aqe: default 2; "
                                                        "with coattention: co-attention + alpha-QE when > 0)")
-    r.add_argument("--qe-alpha", type=float, default=3.0, help="alpha of alpha-QE")
-    r.add_argument("--temperature", type=float, default=10.0, help="co-attention softmax temperature T")
-    r.add_argument("--shortlist", type=int, default=None,
+    r.add_argument("--qe-alpha", type=float_in(0, 100), default=3.0, help="alpha of alpha-QE (0..100)")
+    r.add_argument("--temperature", type=float_in(0, 1e4, lo_open=True), default=10.0,
+                   help="co-attention softmax temperature T (> 0, <= 10000)")
+    r.add_argument("--shortlist", type=int_in(1, 10_000_000), default=None,
                    help="co-attention: score at most this many candidates (those sharing the most visual words "
                         "with the query; ties by the uniform-pooling proxy)")
     r.add_argument("--no-ivf", action="store_true", help="co-attention: score every image, not only those "

@@ -313,18 +313,23 @@ class LocalAccumulator:
 def extract_local(model: torch.nn.Module, items: Sequence, *, cfg: LocalConfig | None = None,
                   scales: Sequence[float] = PAPER_SCALES, max_size: int = 512, boxes=None, batch_size: int = 16,
                   workers: int | None = None, precision: str = "auto", progress: bool = True, desc: str = "local features",
-                  keep_feats: bool = True, on_done=None, **kw):
+                  keep_feats: bool = True, on_done=None, settings=None, **kw):
     """Global descriptors and co-attention features from one forward pass per view.
 
+    ``settings`` (glimr.extract.multiscale.ExtractSettings) replaces scales, max_size, batch_size, workers,
+    precision and max_pixels when given.
     Returns (ExtractResult, {item index: ImageLocal}) (failed images are in ``ExtractResult.errors`` and
     have no entry); with ``on_done(i, ImageLocal)`` results are handed over instead of kept."""
-    from glimr.extract.multiscale import extract, parse_scales  # noqa: PLC0415
+    from glimr.extract.multiscale import ExtractSettings, extract, parse_scales  # noqa: PLC0415
 
     cfg = cfg or LocalConfig()
-    scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
-    acc = LocalAccumulator(len(scales), cfg, model, keep_feats=keep_feats, on_done=on_done)
-    res = extract(model, items, scales=scales, max_size=max_size, boxes=boxes, batch_size=batch_size,
-                  workers=workers, precision=precision, progress=progress, desc=desc, local_fn=acc, **kw)
+    if settings is None:
+        settings = ExtractSettings(model=getattr(model, "name", None) or "model",
+                                   scales=parse_scales(scales) if isinstance(scales, str) else tuple(scales),
+                                   max_size=max_size, batch_size=batch_size, workers=workers, precision=precision,
+                                   **({"max_pixels": kw.pop("max_pixels")} if "max_pixels" in kw else {}))
+    acc = LocalAccumulator(len(settings.scales), cfg, model, keep_feats=keep_feats, on_done=on_done)
+    res = extract(model, items, settings=settings, boxes=boxes, progress=progress, desc=desc, local_fn=acc, **kw)
     return res, acc.results
 
 

@@ -11,10 +11,12 @@ the hardware has native bf16, and never aborts on a bad file: it is reported and
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +37,23 @@ SCALE_SETS: dict[str, tuple[float, ...]] = {
 Box = tuple[float, float, float, float]
 
 
+MAX_SCALE = 8.0             # a view at most 8x the max_size image
+MAX_SCALES = 16             # views per image
+MAX_SIDE = 16384            # --max-size
+MAX_BATCH = 4096
+MAX_WORKERS = 256
+MAX_PIXELS_LIMIT = 10**10   # --max-pixels (10 gigapixels)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
-    """"1" | "3" | "5" | "1,0.7071,1.4142" | a sequence of floats -> tuple of positive floats."""
+    """"1" | "3" | "5" | "1,0.7071,1.4142" | a sequence of floats -> tuple of positive floats (each at most
+    MAX_SCALE, at most MAX_SCALES of them)."""
     if not isinstance(spec, str):
-        scales = tuple(float(s) for s in spec)
+        try:
+            scales = tuple(float(s) for s in spec)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"bad scales {spec!r}: need one or more positive numbers") from None
     elif spec.strip() in SCALE_SETS:
         scales = SCALE_SETS[spec.strip()]
     else:
@@ -48,7 +63,132 @@ def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
             raise ValueError(f"bad scales {spec!r}: use 1, 3, 5 or a comma list like 1,0.7071,1.4142") from None
     if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"bad scales {spec!r}: need one or more positive numbers")
+    if any(s > MAX_SCALE for s in scales) or len(scales) > MAX_SCALES:
+        raise ValueError(f"bad scales {spec!r}: at most {MAX_SCALES} scales, each at most {MAX_SCALE:g}")
     return scales
+
+
+def _int_in(name: str, v, lo: int, hi: int, none_ok: bool = False) -> int | None:
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be from {lo} to {hi}, got {v}")
+    return v
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that decides how descriptors are extracted; validated when built (ValueError naming the
+    setting), serialised into an index's index.json (``to_json``/``from_json``, same validation).
+
+    ``checkpoint`` is stored as an absolute path with its content hash ``checkpoint_sha256``
+    (:meth:`with_checkpoint` fills both); ``check_checkpoint`` refuses a checkpoint that was replaced."""
+
+    model: str = "model"
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+    max_size: int = 512
+    precision: str = "auto"
+    batch_size: int = 8     # 16 costs ~200 MiB more peak memory at 512 px for no speed on a 2-core CPU
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip() or len(self.model) > 200:
+            raise ValueError(f"model must be a model name (see `glimr models`), got {self.model!r}")
+        object.__setattr__(self, "scales", parse_scales(self.scales))
+        object.__setattr__(self, "max_size", _int_in("max_size (--max-size)", self.max_size, 1, MAX_SIDE))
+        object.__setattr__(self, "batch_size", _int_in("batch_size (--batch-size)", self.batch_size, 1, MAX_BATCH))
+        object.__setattr__(self, "workers", _int_in("workers (--workers)", self.workers, 0, MAX_WORKERS,
+                                                    none_ok=True))
+        object.__setattr__(self, "max_pixels", _int_in("max_pixels (--max-pixels)", self.max_pixels, 1,
+                                                       MAX_PIXELS_LIMIT))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision (--precision) must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, str) or not self.checkpoint:
+                raise ValueError(f"checkpoint must be a file path, got {self.checkpoint!r}")
+            if not os.path.isabs(self.checkpoint):
+                raise ValueError(f"checkpoint {self.checkpoint!r} must be an absolute path "
+                                 "(ExtractSettings.with_checkpoint makes one)")
+        sha = self.checkpoint_sha256
+        if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                                or any(c not in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"checkpoint_sha256 must be 64 lower-case hex digits, got {sha!r}")
+        if (sha is None) != (self.checkpoint is None):
+            raise ValueError("checkpoint and checkpoint_sha256 go together: give both or neither")
+
+    @classmethod
+    def with_checkpoint(cls, checkpoint: str | Path | None, **kw) -> ExtractSettings:
+        """Settings whose checkpoint is ``checkpoint`` made absolute, with the sha256 of its weights."""
+        if checkpoint is None:
+            return cls(**kw)
+        path = checkpoint_weights(checkpoint)
+        return cls(checkpoint=str(path), checkpoint_sha256=file_sha256(path), **kw)
+
+    def check_checkpoint(self) -> None:
+        """Refuse (ValueError) when the recorded checkpoint is missing or its content changed."""
+        if self.checkpoint is None:
+            return
+        p = Path(self.checkpoint)
+        if not p.is_file():
+            raise ValueError(f"the checkpoint this index was built with, '{p}', is gone: put it back, or rebuild "
+                             "the index with the checkpoint you have")
+        if file_sha256(p) != self.checkpoint_sha256:
+            raise ValueError(f"the checkpoint '{p}' changed since this index was built (sha256 "
+                             f"{self.checkpoint_sha256[:12]}... recorded): its descriptors would not match the "
+                             "index; restore that file, or rebuild the index into a new folder")
+
+    def same_descriptors(self, other: ExtractSettings) -> bool:
+        """Do both make the same descriptors? (batching, workers, precision, pixel cap do not count)"""
+        keys = ("model", "checkpoint_sha256", "scales", "max_size")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+    def replace(self, **kw) -> ExtractSettings:
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kw})
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["scales"] = list(self.scales)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ExtractSettings:
+        if not isinstance(d, dict):
+            raise ValueError(f"extraction settings must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown extraction settings {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"bad extraction settings: {e}") from None
+
+
+def checkpoint_weights(checkpoint: str | Path) -> Path:
+    """The absolute path of a checkpoint's weights file (``x.safetensors``; ``x`` or ``x.json`` name it too)."""
+    p = Path(checkpoint).expanduser().absolute()
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    p = p.with_suffix(".safetensors")  # as glimr.models.checkpoint names the weights
+    if not p.is_file():
+        raise ValueError(f"checkpoint not found: '{p}' (give the .safetensors file that has its .json beside it)")
+    return p
 
 
 def parse_box(spec: str) -> Box:
@@ -56,6 +196,8 @@ def parse_box(spec: str) -> Box:
         x0, y0, x1, y1 = (float(v) for v in spec.split(","))
     except ValueError:
         raise ValueError(f"bad box {spec!r}: expected x0,y0,x1,y1 in pixels") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"bad box {spec!r}: the coordinates must be finite numbers")
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"bad box {spec!r}: need x1 > x0 and y1 > y0")
     return (x0, y0, x1, y1)
@@ -154,20 +296,41 @@ def _loader(ds: Dataset, workers: int | None, batch_size: int):
     workers = resolve_workers(workers)
     if workers == 0:
         return _prefetched(ds, depth=2 * batch_size)
-    kw = dict(num_workers=workers, prefetch_factor=max(2, 2 * batch_size // workers), persistent_workers=False)
+    kw = {"num_workers": workers, "prefetch_factor": max(2, 2 * batch_size // workers), "persistent_workers": False}
     return DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
 
 
 FOLD_MIN_VIEWS = 8          # from this many views on, extract() makes the folded copy if it has none
 
 
+_UNSET = object()
+
+
+def resolve_settings(model, settings: ExtractSettings | None, loose: dict) -> ExtractSettings:
+    """``settings``, or (for callers that pass loose keywords) ExtractSettings built from them; never both."""
+    given = {k: v for k, v in loose.items() if v is not _UNSET}
+    if settings is not None:
+        if given:
+            raise ValueError(f"give settings= or the keywords {sorted(given)}, not both")
+        if not isinstance(settings, ExtractSettings):  # ValueError: one error for bad settings
+            raise ValueError(f"settings must be an ExtractSettings, got {type(settings).__name__}")
+        return settings
+    name = getattr(model, "name", None)
+    return ExtractSettings(model=name if isinstance(name, str) and name else "model", **given)
+
+
 @torch.inference_mode()
-def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *, scales: Sequence[float] = (1.0,),
-            max_size: int = 512, boxes: Sequence[Box | None] | None = None, batch_size: int = 16,
-            workers: int | None = None, precision: str = "auto", progress: bool = True, desc: str = "extract",
-            max_pixels: int = DEFAULT_MAX_PIXELS, report_errors: bool = True, draft: bool = True,
+def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *,
+            settings: ExtractSettings | None = None, scales=_UNSET, max_size=_UNSET,
+            boxes: Sequence[Box | None] | None = None, batch_size=_UNSET, workers=_UNSET, precision=_UNSET,
+            progress: bool = True, desc: str = "extract", max_pixels=_UNSET, report_errors: bool = True,
+            draft: bool = True,
             local_fn: Callable[[int, int, torch.Tensor, tuple[int, int]], None] | None = None) -> ExtractResult:
     """Global descriptors for image paths (or PIL images). Bad files are reported and skipped.
+
+    settings: an :class:`ExtractSettings` (scales, max_size, batch_size, workers, precision, max_pixels);
+    callers may instead pass those as keywords (defaults: scales (1,), max_size 512, batch_size 8, workers
+    auto, precision auto, max_pixels 100 MP), validated the same way (ValueError before any work).
 
     local_fn: optional, called once per (image, scale) with ``(item index, scale index, local map, (H, W))``:
     the head's ``RetrievalOutput.local`` of that view, a float32 CPU tensor (C, h, w), from the same forward
@@ -176,7 +339,10 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     draft: let the JPEG decoder reduce by 2, 4 or 8 in the DCT (never below the size needed), which is several
     times faster on large photos; descriptors differ from full decoding by about 1% (cosine > 0.99).
     """
-    scales = parse_scales(scales) if isinstance(scales, str) else tuple(scales)
+    st = resolve_settings(model, settings, {"scales": scales, "max_size": max_size, "batch_size": batch_size,
+                                            "workers": workers, "precision": precision, "max_pixels": max_pixels})
+    scales, max_size, batch_size, workers = st.scales, st.max_size, st.batch_size, st.workers
+    precision, max_pixels = st.precision, st.max_pixels
     from glimr.models.fold import inference_model
 
     # conv-BN pairs folded, channels-last weights (glimr/models/fold.py); a one-query call reuses a copy but

@@ -19,7 +19,10 @@ def make_index(dim: int, factory: str = "Flat", train: np.ndarray | None = None)
     if not base.is_trained:
         if train is None or len(train) == 0:
             raise ValueError(f"FAISS index {factory!r} needs training vectors")
-        base.train(np.ascontiguousarray(train, dtype=np.float32))
+        try:
+            base.train(np.ascontiguousarray(train, dtype=np.float32))
+        except RuntimeError as e:
+            raise ValueError(f"FAISS index {factory!r} cannot be trained on {len(train)} vectors: {e}") from None
     return faiss.IndexIDMap2(base)
 
 
@@ -32,6 +35,9 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
         faiss.write_index(index, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        um = os.umask(0)
+        os.umask(um)
+        os.chmod(tmp, 0o666 & ~um)  # mkstemp makes 0600; an index is read by whoever may search it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

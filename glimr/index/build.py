@@ -1,7 +1,13 @@
-"""`glimr index build`: incremental, chunked, resumable indexing of an image folder."""
+"""`glimr index build`: incremental, chunked, resumable indexing of an image folder.
+
+Order of work, so that a refused or failing build changes nothing: every setting is validated (the settings
+objects, the FAISS factory tried on a dummy index), the folder is listed, the index's lock is taken, the
+removals are checked (--prune), and only then is index.json written and the first chunk committed.
+"""
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +16,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from glimr.extract.local import CoAttentionParams, LocalConfig, extract_local, fit_params, sample_items
-from glimr.extract.multiscale import extract
-from glimr.index.store import IndexConfig, IndexStore, Row
-from glimr.io.images import DEFAULT_MAX_PIXELS, content_hash, list_images
+from glimr.extract.multiscale import ExtractSettings, extract
+from glimr.index.settings import IndexConfig, IndexSettings
+from glimr.index.store import IndexStore, IndexStoreError, Row, db_path, share_files
+from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, content_hash, list_images
+
+PRUNE_FRACTION = 0.5      # a build that would remove more than this share of an index needs --prune
+COMPACT_FRACTION = 0.5    # vectors.f32 is compacted when more than this share of its rows is dead
 
 
 @dataclass
@@ -22,92 +32,173 @@ class BuildReport:
     removed: int = 0        # gone from the folder
     errors: int = 0         # unreadable now (reported, kept out of the search)
     total: int = 0          # searchable images after the build
+    kept_unscanned: int = 0  # rows kept because their folder could not be read
+    compacted: int = 0      # dead vector rows dropped by compaction
 
     def __str__(self) -> str:
-        return (f"{self.total} images searchable: {self.added} added, {self.unchanged} unchanged, "
-                f"{self.removed} removed, {self.errors} unreadable")
+        s = (f"{self.total} images searchable: {self.added} added, {self.unchanged} unchanged, "
+             f"{self.removed} removed, {self.errors} unreadable")
+        if self.kept_unscanned:
+            s += f", {self.kept_unscanned} kept from folders that could not be read"
+        if self.compacted:
+            s += f"; vectors compacted ({self.compacted} dead rows dropped)"
+        return s
 
 
-def build_index(images_dir: str | Path, index_dir: str | Path, model, *, model_name: str,
-                checkpoint: str | None = None, scales=(1.0,), max_size: int = 512, factory: str = "Flat",
-                chunk_size: int = 256, batch_size: int = 16, workers: int | None = None, precision: str = "auto",
-                max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
-                coattention: LocalConfig | None = None, ca_samples=None, ca_sample_count: int = 1000,
-                ca_sample_scales=(1.0,)) -> BuildReport:
-    """Index (or update) ``images_dir``. With ``coattention`` (a LocalConfig) every image also gets its
-    co-attention record from the same forward pass (glimr.extract.local); the PCA/codebook parameters are
-    learned once, when the index is created, from ``ca_samples`` (image paths or a folder; default: up to
-    ``ca_sample_count`` images of ``images_dir``) at ``ca_sample_scales``, and kept in INDEX/coattention/."""
-    root = Path(images_dir)
-    files = list_images(root)
+def make_settings(model, *, model_name: str | None = None, checkpoint: str | None = None, scales=(1.0,),
+                  max_size: int = 512, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "Flat", chunk_size: int = 256,
+                  coattention: LocalConfig | None = None) -> tuple[ExtractSettings, IndexSettings]:
+    """Both settings objects from loose values (ValueError naming the bad one; the checkpoint is hashed)."""
+    ex = ExtractSettings.with_checkpoint(checkpoint, model=model_name or getattr(model, "name", "model"),
+                                         scales=scales, max_size=max_size, precision=precision,
+                                         batch_size=batch_size, workers=workers, max_pixels=max_pixels)
     ca_json = None
     if coattention is not None:
         ca_json = {"config": coattention.to_json(), "record_bytes": coattention.codec().nbytes}
-    cfg = IndexConfig(model=model_name, dim=int(model.dim), scales=tuple(scales), max_size=int(max_size),
-                      checkpoint=str(checkpoint) if checkpoint else None, factory=factory, root=str(root.resolve()),
-                      coattention=ca_json)
+    return ex, IndexSettings(dim=int(model.dim), factory=factory, chunk_size=chunk_size, coattention=ca_json)
+
+
+def build_index(images_dir: str | Path, index_dir: str | Path, model, *, settings: ExtractSettings | None = None,
+                index_settings: IndexSettings | None = None, prune: bool = False, progress: bool = True,
+                ca_samples=None, ca_sample_count: int = 1000, ca_sample_scales=(1.0,),
+                compact_fraction: float = COMPACT_FRACTION, **loose) -> BuildReport:
+    """Index (or update) ``images_dir``.
+
+    settings / index_settings: the validated settings objects (``make_settings``); callers may instead pass
+    make_settings' keywords (model_name, checkpoint, scales, max_size, factory, chunk_size, batch_size,
+    workers, precision, max_pixels, coattention). With co-attention settings every image also gets its
+    co-attention record from the same forward pass (glimr.extract.local); the PCA/codebook parameters are
+    learned once, when the index is created, from ``ca_samples`` (image paths or a folder; default: up to
+    ``ca_sample_count`` images of ``images_dir``) at ``ca_sample_scales``, and kept in INDEX/coattention/.
+
+    prune: allow a build that removes more than half of the index's images (or all of them).
+    compact_fraction: compact vectors.f32 when more than this share of its rows is dead."""
+    if (settings is None) != (index_settings is None):
+        raise ValueError("give both settings= and index_settings=, or neither")
+    if settings is None:
+        settings, index_settings = make_settings(model, **loose)
+    elif loose:
+        raise ValueError(f"give the settings objects or the keywords {sorted(loose)}, not both")
+    if int(model.dim) != index_settings.dim:
+        raise ValueError(f"the model makes {model.dim}-d descriptors but the index settings say {index_settings.dim}")
+    if not 0 <= compact_fraction <= 1:
+        raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction!r}")
+    root = Path(images_dir)
+    unscanned: list[tuple[Path, str]] = []
+    files = list_images(root, unreadable=unscanned)
+    cfg = IndexConfig(settings, index_settings, root=str(root.resolve()))
     rep = BuildReport()
-    with IndexStore.create_or_open(index_dir, cfg) as store:
+    with IndexStore.for_build(index_dir, cfg) as store:
+        known = store.rows() if store.db is not None else {}
+        if not files and not known:
+            raise ValueError(f"no images found under '{root}' (extensions: .jpg .jpeg .png .bmp .gif .tif .tiff "
+                             ".webp .ppm .pgm); nothing to index")
+        present: set[str] = set()
+        listed: list[tuple[Path, str]] = []
+        for p in files:
+            rel = db_path(p.relative_to(root).as_posix())
+            present.add(rel)
+            listed.append((p, rel))
+        gone = set(known) - present
+        skipped_dirs = [(db_path(d.relative_to(root).as_posix()) + "/", why) for d, why in unscanned]
+        for prefix, why in skipped_dirs:
+            kept = {g for g in gone if g.startswith(prefix)}
+            tqdm.write(f"warning: '{root / prefix}': {why}; it was not scanned"
+                       + (f", its {len(kept)} indexed images are kept" if kept else ""), file=sys.stderr)
+            gone -= kept
+            rep.kept_unscanned += len(kept)
+        gone = sorted(gone)
+        if gone and not prune and (len(gone) == len(known) or len(gone) > PRUNE_FRACTION * len(known)):
+            raise IndexStoreError(
+                f"this build would remove {len(gone)} of the {len(known)} images of index '{store.dir}' (they are "
+                f"not under '{root}'{' any more' if files else ', which holds no images'}): check IMAGES_DIR; "
+                "if they really are gone, run again with --prune. Nothing was changed")
+        store.save_config()
         ca = None
         if store.config.coattention:
             ca = _coattention_params(store, model, files, ca_samples, ca_sample_count, ca_sample_scales,
-                                     max_size=max_size, batch_size=batch_size, workers=workers,
-                                     precision=precision, max_pixels=max_pixels, progress=progress)
-        known = store.rows()
-        present = set()
-        todo: list[tuple[Path, str, os.stat_result, str | None]] = []
-        for p in files:
-            rel = p.relative_to(root).as_posix()
-            present.add(rel)
-            st = p.stat()
+                                     settings=settings.replace(scales=tuple(ca_sample_scales)), progress=progress)
+        todo: list[tuple[Path, str, os.stat_result | None, str | None]] = []
+        scan = tqdm(listed, desc="scan", unit="file", disable=not progress or len(listed) < 2000,
+                    dynamic_ncols=True)
+        for p, rel in scan:
             old = known.get(rel)
+            try:
+                st = p.stat()
+            except OSError as e:  # vanished or unreadable since the listing (a broken link...)
+                todo.append((p, rel, None, _stat_error(p, e)))
+                continue
             if old is not None and old.size == st.st_size and old.mtime == st.st_mtime:
                 rep.unchanged += 1
                 continue
             h = None
-            if old is not None and old.size == st.st_size:
-                h = content_hash(p)
-                if h == old.hash:  # touched, not changed
+            if old is not None and old.size == st.st_size and stat.S_ISREG(st.st_mode):
+                h = _hash_or_none(p, st)
+                if h is not None and h == old.hash:  # touched, not changed
                     store.touch(rel, st.st_size, st.st_mtime)
                     rep.unchanged += 1
                     continue
             todo.append((p, rel, st, h))
-        gone = sorted(set(known) - present)
         if gone:
             store.remove(gone)
             rep.removed = len(gone)
+        chunk_size = index_settings.chunk_size
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            kw = dict(scales=scales, max_size=max_size, batch_size=batch_size, workers=workers, precision=precision,
-                      max_pixels=max_pixels, progress=False)
+            readable = [j for j, c in enumerate(chunk) if c[2] is not None]  # the others failed stat()
             records = None
+            items = [chunk[j][0] for j in readable]
             if ca is None:
-                res = extract(model, [c[0] for c in chunk], **kw)
+                res = extract(model, items, settings=settings, progress=False, report_errors=False)
             else:
-                res, locs = extract_local(model, [c[0] for c in chunk], cfg=ca.cfg, **kw)
-                records = np.stack([ca.encode(locs[j]) for j in range(len(chunk)) if j not in res.errors]) \
+                res, locs = extract_local(model, items, cfg=ca.cfg, settings=settings, progress=False,
+                                          report_errors=False)
+                records = np.stack([ca.encode(locs[j]) for j in range(len(items)) if j not in res.errors]) \
                     if len(locs) else np.zeros(0, dtype=ca.codec.record)
+            errs = {readable[j]: e for j, e in res.errors.items()}
             rows = []
             for j, (p, rel, st, h) in enumerate(chunk):
-                err = res.errors.get(j)
+                err = errs.get(j) if st is not None else h  # for unstat-able files h holds the reason
                 if err is not None:
+                    err = db_path(err)
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
                     rep.errors += 1
-                rows.append(Row(rel, h or _hash_or_none(p), st.st_size, st.st_mtime,
+                if st is None:
+                    rows.append(Row(rel, None, -1, -1.0, "error", err, None))
+                    continue
+                rows.append(Row(rel, h or (None if err else _hash_or_none(p, st)), st.st_size, st.st_mtime,
                                 "error" if err else "ok", err, None))
             store.commit_chunk(rows, res.descriptors[res.ok], records)
-            rep.added += len(chunk) - len(res.errors)
+            rep.added += sum(r.status == "ok" for r in rows)
             bar.update(len(chunk))
         bar.close()
+        dead = store.dead_vectors()
+        if dead and dead > compact_fraction * store.n_vectors:
+            rep.compacted = store.compact(progress=progress)
         if not store.faiss_is_current():
             store.rebuild_faiss()
+        share_files(store.dir)
         rep.total = store.stats()["images"]
     return rep
 
 
-def _coattention_params(store: IndexStore, model, files, samples, count: int, sample_scales, **kw
-                        ) -> CoAttentionParams:
+def compact_index(index_dir: str | Path, progress: bool = True) -> int:
+    """`glimr index compact`: drop every dead row of vectors.f32 now; returns how many were dropped."""
+    d = Path(index_dir)
+    cfg = IndexStore._read_config(d)
+    with IndexStore.for_build(d, cfg) as store:
+        if store.db is None:
+            raise IndexStoreError(f"'{d}' has no meta.sqlite: nothing to compact")
+        n = store.compact(progress=progress)
+        if not store.faiss_is_current():
+            store.rebuild_faiss()
+    return n
+
+
+def _coattention_params(store: IndexStore, model, files, samples, count: int, sample_scales, *,
+                        settings: ExtractSettings, progress: bool) -> CoAttentionParams:
     """The index's co-attention parameters: loaded, or learned now from sample images and saved."""
     d = store.dir / "coattention"
     cfg = LocalConfig.from_json(store.config.coattention["config"])
@@ -124,17 +215,27 @@ def _coattention_params(store: IndexStore, model, files, samples, count: int, sa
         items = sample_items(list(samples), count)
     if not items:
         raise ValueError("co-attention needs sample images to learn its PCA and codebook: none found")
-    progress = kw.pop("progress", True)
-    res, locs = extract_local(model, items, cfg=cfg, scales=tuple(sample_scales), progress=progress,
-                              desc="co-attention samples", **kw)
+    _, locs = extract_local(model, items, cfg=cfg, settings=settings, progress=progress,
+                              desc="co-attention samples")
     params = fit_params([locs[i] for i in sorted(locs)], cfg,
-                        meta={"sample_scales": list(sample_scales), "max_size": kw.get("max_size")})
+                        meta={"sample_scales": list(sample_scales), "max_size": settings.max_size})
     params.save(d)
     return params
 
 
-def _hash_or_none(p: Path) -> str | None:
+def _hash_or_none(p: Path, st: os.stat_result | None = None) -> str | None:
+    """The content hash of a regular file (never opens a FIFO or device), None when it cannot be read."""
     try:
+        if not stat.S_ISREG((st or os.stat(p)).st_mode):
+            return None
         return content_hash(p)
     except OSError:
         return None
+
+
+def _stat_error(p: Path, e: OSError) -> str:
+    if isinstance(e, FileNotFoundError) and os.path.islink(p):
+        return str(ImageError(p, "broken symbolic link (its target is missing)", "fix or remove the link"))
+    if isinstance(e, FileNotFoundError):
+        return str(ImageError(p, "the file disappeared during the build", "nothing to do if it was removed"))
+    return str(ImageError(p, f"cannot access the file ({e.strerror or e})", "check the file and its folder"))

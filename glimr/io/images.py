@@ -101,7 +101,9 @@ def load_image(
         max_pixels: refuse images whose declared width * height exceeds this, before decoding.
         target_size: the longest side the caller will resize to, if known. JPEGs are then decoded at a
             reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) whose longest side is still
-            >= ``target_size``; other formats are decoded at full size.
+            >= ``target_size``; other formats are decoded at full size (PIL has no reduced decoding for
+            them) and at once box-reduced by the largest integer factor that keeps the longest side
+            >= ``target_size``, strip by strip, so that no further full-size copy is made.
 
     Returns:
         A fully loaded image in mode ``"RGB"``: EXIF orientation applied, first frame of multi-frame
@@ -115,6 +117,8 @@ def load_image(
     try:
         st = os.stat(name)
     except FileNotFoundError:
+        if os.path.islink(name):
+            raise ImageError(name, "broken symbolic link (its target is missing)", "fix or remove the link") from None
         raise ImageError(name, "file not found", "check the path") from None
     except PermissionError:
         raise ImageError(name, "permission denied", "check the file's permissions") from None
@@ -196,6 +200,10 @@ def _decode_unlocked(fp: IO[bytes], name: str, max_pixels: int, target_size: int
             if target_size is not None and im.format in ("JPEG", "MPO"):
                 _draft(im, target_size)
             im.load()  # full decode of the first frame: truncated or corrupt data raises here
+            if target_size is not None and im.format not in ("JPEG", "MPO"):
+                small = _reduced_rgb(im, target_size)
+                if small is not None:
+                    return _transpose(small, _orientation(im))
             im = _exif_transpose(im)
             return _to_rgb(im)
     except ImageError:
@@ -222,6 +230,57 @@ def _draft(im: Image.Image, target_size: int) -> None:
             # size = (w // s, h // s) that is exactly s (or less for extremely thin images).
             im.draft(None, (max(1, width // s), max(1, height // s)))
             return
+
+
+_STRIP_BYTES = 8 << 20  # converted and reduced this many bytes of the decoded raster at a time
+
+
+def _reduced_rgb(im: Image.Image, target_size: int) -> Image.Image | None:
+    """The decoded image reduced by the largest integer factor f that keeps its longest side >= target_size
+    (box average, PIL's ``reduce``), converted to RGB strip by strip: no full-resolution copy is ever made
+    (no RGBA premultiplied copy, no RGB conversion, no rotation, no resize at full size). None when f < 2 or the
+    conversion is not per-pixel (32-bit integer and float images are stretched by their global min/max).
+
+    Formats other than JPEG have no reduced decoding in PIL/libpng, so the decoded raster itself (width x
+    height x bands bytes, e.g. 144 MiB for a 48 MP RGB PNG) is the one full-size allocation; max_pixels bounds
+    it."""
+    w, h = im.size
+    f = max(w, h) // target_size
+    if f < 2 or im.mode in ("I", "F"):
+        return None
+    if im.mode in ("RGB", "L") and "transparency" not in im.info:  # reduce() makes no full-size copy of these
+        return im.reduce(f).convert("RGB")
+    bands = max(1, len(im.getbands()))
+    rows = max(1, _STRIP_BYTES // max(1, w * bands * f)) * f  # a multiple of f: the blocks match one reduce()
+    out = Image.new("RGB", (-(-w // f), -(-h // f)))
+    for y in range(0, h, rows):
+        strip = im.crop((0, y, w, min(h, y + rows)))  # keeps the palette and the "transparency" entry
+        out.paste(_to_rgb(strip).reduce(f), (0, y // f))
+    return out
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 (malformed EXIF of any kind: keep the stored orientation)
+        return 1
+
+
+def _transpose(im: Image.Image, orientation: int) -> Image.Image:
+    """The EXIF orientation applied to an already converted image (as ImageOps.exif_transpose would)."""
+    method = _TRANSPOSE.get(orientation)
+    return im.transpose(method) if method is not None else im
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:
@@ -298,17 +357,29 @@ def _high_bit_depth_to_rgb(im: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------------------------- listing
 
 
-def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+def list_images(
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    *,
+    unreadable: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
     """All image files under ``root``, sorted.
 
     Picks regular files (symlinks to files included) whose extension, in any case, is in
     :data:`IMAGE_EXTENSIONS`; skips hidden files and folders (names starting with "."). With
     ``recursive``, sub-folders are walked too, following symlinked folders but never twice (no loops).
-    Returned paths are ``root`` joined with the relative path (not resolved).
+    Returned paths are ``root`` joined with the relative path (not resolved). Entries with an image
+    extension that cannot be opened as files (broken symbolic links, FIFOs, devices) are listed too, so
+    that :func:`load_image` reports them instead of their being silently left out.
+
+    unreadable: if given, receives ``(path, reason)`` for every sub-folder that could not be read
+    (permissions, I/O error) and every entry without an image extension that could not be examined (a
+    broken link may be a folder that is gone for now): their contents are not listed.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is not a folder.
+        PermissionError: ``root`` itself cannot be read.
     """
     root_path = Path(root)
     if not root_path.exists():
@@ -318,10 +389,22 @@ def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Pa
             f"not a folder: '{root_path}' (pass the folder that contains the images; "
             "to read a single image use load_image)"
         )
-    return sorted(_iter_images(root_path, recursive))
+    try:
+        with os.scandir(root_path):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"cannot read the image folder '{root_path}' ({e.strerror or e}): check its permissions"
+        ) from None
+    sink = unreadable if unreadable is not None else []
+    return sorted(_iter_images(root_path, recursive, sink))
 
 
-def _iter_images(root: Path, recursive: bool) -> Iterator[Path]:
+def _iter_images(
+    root: Path, recursive: bool = True, unreadable: list[tuple[Path, str]] | None = None
+) -> Iterator[Path]:
+    if unreadable is None:
+        unreadable = []
     seen: set[tuple[int, int]] = set()
     st = os.stat(root)
     seen.add((st.st_dev, st.st_ino))
@@ -331,23 +414,34 @@ def _iter_images(root: Path, recursive: bool) -> Iterator[Path]:
         try:
             with os.scandir(folder) as it:
                 entries = list(it)
-        except PermissionError:
-            continue  # an unreadable sub-folder is skipped, like `find` does with a warning
+        except OSError as e:  # an unreadable sub-folder is skipped (reported), like `find` does
+            unreadable.append((Path(folder), f"cannot read folder ({e.strerror or e})"))
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             try:
                 if entry.is_file():
-                    if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    if is_image:
                         yield Path(entry.path)
-                elif recursive and entry.is_dir():
+                elif entry.is_dir():
+                    if not recursive:
+                        continue
                     est = entry.stat()  # follows symlinks: identifies the real folder
                     key = (est.st_dev, est.st_ino)
                     if key not in seen:
                         seen.add(key)
                         stack.append(entry.path)
-            except OSError:  # vanished or broken entry
-                continue
+                elif is_image:  # broken link, FIFO, socket, device: reported by load_image
+                    yield Path(entry.path)
+                elif entry.is_symlink():
+                    unreadable.append((Path(entry.path), "broken symbolic link"))
+            except OSError as e:  # vanished, a link loop, an I/O error
+                if is_image:
+                    yield Path(entry.path)
+                else:
+                    unreadable.append((Path(entry.path), f"cannot examine it ({e.strerror or e})"))
 
 
 # --------------------------------------------------------------------------------------------- hashing

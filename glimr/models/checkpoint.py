@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-# atomic_write_bytes is also imported from here by glimr.index.store (its home is glimr.io.atomic)
 from glimr.io.atomic import atomic_write_bytes
 
 SUFFIXES = (".safetensors", ".json")

@@ -91,3 +91,26 @@ def test_ukbench_ns_score(shared_data, default_model):
     top4 = np.argsort(-(d @ d.T), axis=1)[:, :4]
     ns = float(np.mean([(top4[i] // 4 == i // 4).sum() for i in range(len(paths))]))
     assert ns >= 3.8, ns
+
+
+def test_extract_takes_one_settings_object_or_the_keywords(shared_data, lite0_gem):
+    """settings= and the loose keywords give the same descriptors (fp32, exactly); mixing them, or a bad value,
+    is a ValueError before any work."""
+    from glimr.extract.multiscale import ExtractSettings
+
+    files = [shared_data / "ukbench" / f"ukbench{i:05d}.jpg" for i in range(3)]
+    st = ExtractSettings(model="gem-lite0", scales=(1.0, 0.7071), max_size=160, precision="fp32", batch_size=2,
+                         workers=0)
+    a = extract(lite0_gem, files, settings=st, progress=False).descriptors
+    b = extract(lite0_gem, files, scales=(1.0, 0.7071), max_size=160, precision="fp32", batch_size=2, workers=0,
+                progress=False).descriptors
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        extract(lite0_gem, files, settings=st, max_size=160)
+    for bad, words in (({"max_size": 0}, "max_size"), ({"batch_size": 0}, "batch_size"),
+                       ({"scales": (1.0, float("nan"))}, "bad scales"), ({"precision": "fp8"}, "precision"),
+                       ({"workers": -1}, "workers"), ({"max_pixels": 0}, "max_pixels")):
+        with pytest.raises(ValueError, match=words):
+            extract(lite0_gem, ["/nonexistent.jpg"], **bad)
+    with pytest.raises(ValueError, match="finite"):
+        parse_box("0,0,inf,inf")

@@ -1,4 +1,5 @@
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -9,8 +10,14 @@ import time
 import numpy as np
 import pytest
 
+from glimr.extract.multiscale import ExtractSettings
 from glimr.index.build import build_index
-from glimr.index.store import IndexConfig, IndexStore, IndexStoreError, Row
+from glimr.index.settings import IndexConfig, IndexSettings
+from glimr.index.store import IndexStore, IndexStoreError, Row
+
+
+def _cfg(dim: int, max_size: int = 512) -> IndexConfig:
+    return IndexConfig(ExtractSettings(model="gem-lite0", max_size=max_size), IndexSettings(dim=dim))
 
 
 def _copy_ukb(shared_data, dst, idx):
@@ -93,13 +100,13 @@ def test_incompatible_settings_and_wrong_folders_are_refused(shared_data, lite0_
         build_index(imgs, imgs, lite0_gem, model_name="gem-lite0", workers=0, progress=False)
     with pytest.raises(FileNotFoundError, match="nope"):
         build_index(tmp_path / "nope", tmp_path / "idx2", lite0_gem, model_name="gem-lite0", progress=False)
-    with IndexStore.create_or_open(tmp_path / "idx", IndexConfig("gem-lite0", 1280, max_size=128)):
-        with pytest.raises(IndexStoreError, match="another process"):
-            IndexStore.create_or_open(tmp_path / "idx", IndexConfig("gem-lite0", 1280, max_size=128))
+    with IndexStore.create_or_open(tmp_path / "idx", _cfg(1280, max_size=128)), \
+            pytest.raises(IndexStoreError, match="another process"):
+        IndexStore.create_or_open(tmp_path / "idx", _cfg(1280, max_size=128))
 
 
 def test_uncommitted_vectors_are_dropped_on_reopen(tmp_path):
-    cfg = IndexConfig("gem-lite0", 4)
+    cfg = _cfg(4)
     with IndexStore.create_or_open(tmp_path / "idx", cfg) as st:
         st.commit_chunk([Row("a.jpg", "h", 1, 1.0, "ok", None, None)], np.ones((1, 4), np.float32))
     with open(tmp_path / "idx" / "vectors.f32", "ab") as f:  # a killed build appended but never committed
@@ -110,39 +117,56 @@ def test_uncommitted_vectors_are_dropped_on_reopen(tmp_path):
         assert st.search(np.ones((1, 4), np.float32), 5)[0] == [("a.jpg", pytest.approx(4.0))]
 
 
-def test_killed_build_resumes_to_the_same_index(shared_data, tmp_path):
-    """SIGKILL a real `glimr index build` midway; the resumed build equals an uninterrupted one."""
-    imgs = _copy_ukb(shared_data, tmp_path / "imgs", range(40))
+def test_build_killed_many_times_resumes_to_the_same_index(shared_data, tmp_path):
+    """SIGKILL a real `glimr index build` (48 images) at random moments, 10 times, resuming each time; the final index equals
+    a clean build vector for vector (fp32, --precision fp32: equal to 1e-6) with nothing lost or duplicated."""
+    imgs = _copy_ukb(shared_data, tmp_path / "imgs", range(48))
     cmd = [sys.executable, "-m", "glimr.cli", "index", "build", str(imgs), "--index", str(tmp_path / "killed"),
-           "--max-size", "160", "--chunk-size", "4", "--batch-size", "4", "--workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--model", "gem-lite0", "--max-size", "128", "--chunk-size", "4", "--batch-size", "4", "--workers", "0",
+           "--precision", "fp32"]
     db = tmp_path / "killed" / "meta.sqlite"
-    deadline = time.time() + 240
-    committed = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists():
+    rng = random.Random(12)
+    kills, at = 0, [0]
+
+    def committed() -> int:
+        try:
+            con = sqlite3.connect(db, timeout=5)
             try:
-                con = sqlite3.connect(db, timeout=1)
-                committed = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+                return con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            finally:
                 con.close()
-            except sqlite3.OperationalError:
-                pass
-        if committed >= 8:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    assert 8 <= committed < 40
-    done = subprocess.run(cmd, capture_output=True, text=True)
+        except sqlite3.OperationalError:  # the table is not there yet
+            return 0
+
+    while kills < 10:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not db.exists() and proc.poll() is None and time.time() < deadline:  # the model is loaded
+            time.sleep(0.02)
+        if kills % 2:  # odd kills: somewhere in the setup or the first chunk
+            time.sleep(rng.uniform(0, 0.5))
+        else:  # even kills: once this run has committed something, at a random moment of a later chunk
+            while committed() <= at[-1] and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.15))
+        if proc.poll() is not None:
+            break  # it finished first: the remaining kills cannot happen
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        at.append(committed())
+    assert kills == 10, f"the build finished after {kills} kills (committed rows at each: {at})"
+    assert len({n for n in at if 0 < n < 48}) >= 3, f"too few kills landed mid-build: {at}"
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert "40 images searchable" in done.stdout and "unchanged" in done.stdout
-    ref = subprocess.run(cmd[:7] + [str(tmp_path / "clean")] + cmd[8:], capture_output=True, text=True)
+    assert "48 images searchable" in done.stdout
+    ref = subprocess.run(cmd[:7] + [str(tmp_path / "clean")] + cmd[8:], capture_output=True, text=True, check=False)
     assert ref.returncode == 0, ref.stderr
     with IndexStore.open(tmp_path / "killed") as a, IndexStore.open(tmp_path / "clean") as b:
         va, vb = _by_path(a), _by_path(b)
-        assert a.n_vectors == 40  # nothing duplicated
+        assert a.n_vectors == 48  # nothing duplicated
         assert a.faiss_is_current()
-    assert sorted(va) == sorted(vb) and len(va) == 40
+        assert a.stats()["errors"] == 0
+    assert sorted(va) == sorted(vb) and len(va) == 48
     for p in va:
-        np.testing.assert_allclose(va[p], vb[p], atol=1e-5)
+        np.testing.assert_allclose(va[p], vb[p], atol=1e-6, rtol=0)

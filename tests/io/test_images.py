@@ -454,10 +454,40 @@ def test_draft_with_exif_rotation_and_bytes(tmp_path: Path, photo: Image.Image, 
     assert load_image_bytes(jpeg_path.read_bytes(), target_size=100).size == (160, 120)
 
 
-def test_target_size_ignored_for_png(tmp_path: Path, small: Image.Image):
+def test_png_reduced_for_target_size(tmp_path: Path, photo: Image.Image):
+    """A PNG loaded for a smaller view is box-reduced by the largest integer factor that keeps the longest side
+    >= target_size (strip by strip: the same pixels as one reduce() of the whole image), alpha onto white and
+    EXIF orientation applied as for a full decode."""
     p = tmp_path / "a.png"
-    small.save(p)
-    assert load_image(p, target_size=10).size == small.size
+    photo.save(p)  # 640x480
+    assert load_image(p, target_size=2000).size == (640, 480)   # nothing to gain: full decode
+    assert load_image(p, target_size=400).size == (640, 480)    # factor 1
+    im = load_image(p, target_size=200)                          # factor 3
+    _assert_rgb(im, (214, 160))
+    np.testing.assert_array_equal(_arr(im), _arr(photo.reduce(3)))
+    # RGBA: composited onto white like the full decode (strip by strip), then reduced
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(tmp_path / "b.png")
+    full = load_image(tmp_path / "b.png")
+    red = load_image(tmp_path / "b.png", target_size=200)
+    assert red.size == (214, 160)
+    assert np.abs(_arr(red) - _arr(full.reduce(3))).max() <= 1
+    # with many strips (a tiny strip budget: 6 rows each) the result is the same, to the bit
+    from glimr.io import images as mod
+
+    saved = mod._STRIP_BYTES
+    mod._STRIP_BYTES = 640 * 4 * 3 * 2
+    try:
+        np.testing.assert_array_equal(_arr(load_image(tmp_path / "b.png", target_size=200)), _arr(red))
+    finally:
+        mod._STRIP_BYTES = saved
+    # EXIF rotation is applied to the reduced image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "c.png", exif=exif)
+    np.testing.assert_array_equal(_arr(load_image(tmp_path / "c.png", target_size=200)),
+                                  _arr(load_image(tmp_path / "c.png").reduce(3)))
 
 
 # ----------------------------------------------------------------------------------------- listing
@@ -489,14 +519,17 @@ def test_list_images(tmp_path: Path, jpeg_path: Path):
         shutil.copyfile(jpeg_path, f)
     (tmp_path / "folder.jpg").mkdir()  # a folder with an image extension is not an image
     (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)  # no infinite walk
-    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")  # listed, so that it is reported
+    (tmp_path / "gone_folder").symlink_to(tmp_path / "missing", target_is_directory=True)
 
-    found = list_images(tmp_path)
+    unreadable: list = []
+    found = list_images(tmp_path, unreadable=unreadable)
     rel = [p.relative_to(tmp_path).as_posix() for p in found]
     assert rel == [
         "a.jpg",
         "b.JPG",
         "c.PnG",
+        "dangling.jpg",
         "sub/deeper/f.webp",
         "sub/e.jpeg",
         "sub/g.TIFF",
@@ -508,7 +541,10 @@ def test_list_images(tmp_path: Path, jpeg_path: Path):
     ]
     assert found == sorted(found)
     assert all(isinstance(p, Path) and p.parent.exists() for p in found)
-    assert [p.name for p in list_images(str(tmp_path), recursive=False)] == ["a.jpg", "b.JPG", "c.PnG"]
+    assert unreadable == [(tmp_path / "gone_folder", "broken symbolic link")]
+    assert [p.name for p in list_images(str(tmp_path), recursive=False)] == ["a.jpg", "b.JPG", "c.PnG", "dangling.jpg"]
+    with pytest.raises(ImageError, match="dangling.jpg.*broken symbolic link"):
+        load_image(tmp_path / "dangling.jpg")
 
 
 def test_list_images_real_folder(shared_data: Path):
