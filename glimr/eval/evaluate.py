@@ -128,7 +128,7 @@ def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params
 
 def rerank_sv(q_desc, db_desc, ranks, **params):
     """Spatial verification (SIFT/RootSIFT + RANSAC, OpenCV) of the global top-k:
-    ``sv:top=100,weight=0.5,min_inliers=10,cap=40,ratio=0.8,...`` (glimr/rerank/sv.py)."""
+    ``sv:top=100,weight=1,min_inliers=8,cap=20,ratio=0.8,...`` (glimr/rerank/sv.py)."""
     from glimr.rerank.sv import rerank_sv as fn
 
     return fn(q_desc, db_desc, ranks, **params)

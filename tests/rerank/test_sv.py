@@ -71,6 +71,11 @@ def test_score_formula_against_a_direct_computation():
     np.testing.assert_allclose(sv.combine_scores(g, inl, cfg), direct, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sv.combine_scores(g, inl, weight=1.0, min_inliers=0, cap=20),
                                [gi + min(n, 20) / 20 for gi, n in zip(g, inl)], rtol=0, atol=1e-12)
+    d = sv.SVConfig()  # the defaults: weight 1, min_inliers 8, cap 20
+    np.testing.assert_allclose(sv.combine_scores(g, inl),
+                               [gi + d.weight * min(max(n - d.min_inliers, 0), d.cap - d.min_inliers)
+                                / (d.cap - d.min_inliers) for gi, n in zip(g, inl)], rtol=0, atol=1e-12)
+    assert (d.weight, d.min_inliers, d.cap) == (1.0, 8, 20)
     with pytest.raises(ValueError, match="cap > min_inliers"):
         sv.SVConfig(min_inliers=20, cap=20)
     with pytest.raises(ValueError, match="unknown parameter.*bogus"):
@@ -94,7 +99,7 @@ def test_rerank_moves_the_verified_view_up_and_skips_a_corrupt_image(uk, tmp_pat
     assert ranks[:, 0].tolist() == [0, 1, 2, 3, 4]
     out = sv.rerank_sv(q, db, ranks, query_paths=[uk / "ukbench00000.jpg"], db_paths=db_paths, progress=False,
                        top=5)
-    # the verified view (0.6 + 0.5 = 1.1) goes first; the unreadable image keeps its global score (0.9)
+    # the verified view (0.6 + 1 = 1.6) goes first; the unreadable image keeps its global score (0.9)
     assert out[:, 0].tolist() == [3, 0, 1, 2, 4]
     # a shortlist of 3 leaves the view where the global ranking put it
     out3 = sv.rerank_sv(q, db, ranks, query_paths=[uk / "ukbench00000.jpg"], db_paths=db_paths,
@@ -198,7 +203,7 @@ def test_cli_search_rerank_sv(uk, tmp_path, capsys):
     scores = [r["score"] for r in res["results"]]
     assert res["rerank"] == "sv" and len(names) == 5
     assert sorted(names[:3]) == ["ukbench00001.jpg", "ukbench00002.jpg", "ukbench00003.jpg"]
-    assert scores[2] - scores[3] > 0.3  # the three verified views carry the bonus (weight 0.5, >= cap inliers)
+    assert scores[2] - scores[3] > 0.5  # the three verified views carry the full bonus (weight 1, >= cap inliers)
     cached = sorted((tmp_path / "idx" / "sv").rglob("*.npz"))
     assert len(cached) == 15  # every database image of the shortlist (15 < 100), extracted on first use
     stamps = [p.stat().st_mtime_ns for p in cached]
