@@ -291,6 +291,12 @@ def cmd_search(args) -> int:
                 from glimr.rerank.diffusion import search_store as df_search
 
                 hits = df_search(store, res.descriptors[0], args.top)
+            elif args.rerank == "sv":
+                from glimr.rerank.sv import SVConfig
+                from glimr.rerank.sv import search_store as sv_search
+
+                cfg = SVConfig(top=args.shortlist) if args.shortlist else SVConfig()
+                hits = sv_search(store, res.descriptors[0], args.image, args.top, box=box, cfg=cfg)
             else:
                 hits = store.search(res.descriptors, args.top)[0]
     if args.json:
@@ -397,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  glimr search my-index query.jpg --rerank coattention --qe-n 2   "
                                    "(index built with --coattention)\n"
                                    "  glimr search my-index query.jpg --query-scales 1,0.7071,0.5   "
-                                   "(query pyramid; the database keeps the index's scales)")
+                                   "(query pyramid; the database keeps the index's scales)\n"
+                                   "  glimr search my-index query.jpg --rerank sv --shortlist 100   "
+                                   "(spatial verification of the global top 100)")
     p.add_argument("index", help="index folder made by `glimr index build`")
     p.add_argument("image", help="query image")
     p.add_argument("--crop", default=None, type=_box_arg, help="query box x0,y0,x1,y1 in the image's pixels")
@@ -410,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommended query scales (checkpoint config) if any, else the index's --scales. "
                         "Not used by --rerank coattention (it has its own)")
     r = p.add_argument_group("re-ranking")
-    r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion"],
+    r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion", "sv"],
                    help="coattention: needs an index built with --coattention; diffusion: with --diffusion; "
-                        "qe = alpha-QE, aqe = average QE")
+                        "qe = alpha-QE, aqe = average QE; sv = spatial verification (SIFT + RANSAC) of the "
+                        "global top --shortlist (default 100), database features cached in INDEX/sv/")
     r.add_argument("--qe-n", type=int_in(0, 1000), default=0, help="query expansion neighbours (qe/aqe: default 2; "
                                                        "with coattention: co-attention + alpha-QE when > 0)")
     r.add_argument("--qe-alpha", type=float_in(0, 100), default=3.0, help="alpha of alpha-QE (0..100)")
@@ -420,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="co-attention softmax temperature T (> 0, <= 10000)")
     r.add_argument("--shortlist", type=int_in(1, 10_000_000), default=None,
                    help="co-attention: score at most this many candidates (those sharing the most visual words "
-                        "with the query; ties by the uniform-pooling proxy)")
+                        "with the query; ties by the uniform-pooling proxy); sv: verify the global top this many")
     r.add_argument("--no-ivf", action="store_true", help="co-attention: score every image, not only those "
                                                          "sharing a visual word with the query")
     r.add_argument("--fallback", default="zero", choices=["zero", "last", "proxy"],

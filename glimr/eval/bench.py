@@ -437,7 +437,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
                                            precision=config.precision)
                 for rr in config.rerank:
                     t0 = time.perf_counter()
-                    metrics, notes, ranks = score_descriptors(es, desc, rr)
+                    metrics, notes, ranks = score_descriptors(es, desc, rr, cache_dir=config.cache, progress=progress)
                     n_done += 1
                     run = {
                         "method": {"model": model_name, "checkpoint": mspec.checkpoint, "label": mlabel,

@@ -19,6 +19,9 @@ Re-ranking: :data:`RERANKERS` maps a name to ``fn(q_desc, db_desc, ranks, **para
 [Ndb, Nq] ranking by inner product (column j for query j, best first), and the result has the same
 layout (it may list fewer rows, e.g. a re-ranked top-k; unlisted images count as not retrieved).
 A spec string ``"name"`` or ``"name:key=value,key=value"`` passes ``params`` (numbers are parsed).
+A re-ranker that needs the images (spatial verification) says so with a function attribute
+``fn.needs_images = True``: it is then also given ``query_paths``, ``db_paths``, ``query_boxes`` (the
+protocol's query crops, or None), ``cache`` (the ``--cache`` folder, or None) and ``progress`` as keywords.
 ``none`` is built in; a module of ``glimr.rerank`` exposes its methods by adding them to a dict
 ``RERANKERS`` in ``glimr/rerank/__init__.py`` (eval reads it; rerank never imports eval), or by one
 line in :data:`RERANKERS` below.
@@ -128,6 +131,16 @@ def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params
                          query_boxes=ev.query_boxes, **params)
 
 
+def rerank_sv(q_desc, db_desc, ranks, **params):
+    """Spatial verification (SIFT/RootSIFT + RANSAC, OpenCV) of the global top-k:
+    ``sv:top=100,weight=1,min_inliers=8,cap=20,ratio=0.8,...`` (glimr/rerank/sv.py)."""
+    from glimr.rerank.sv import rerank_sv as fn
+
+    return fn(q_desc, db_desc, ranks, **params)
+
+
+rerank_sv.needs_images = True
+
 #: name -> ``fn(q_desc, db_desc, ranks, **params) -> ranks`` (see the module doc).
 RERANKERS: dict[str, Reranker] = {
     "none": rerank_none,
@@ -135,6 +148,7 @@ RERANKERS: dict[str, Reranker] = {
     "aqe": rerank_average_qe,
     "diffusion": rerank_diffusion,
     "coattention": rerank_coattention,
+    "sv": rerank_sv,
 }
 
 
@@ -187,9 +201,17 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
     return name, params
 
 
-def apply_rerank(spec: str, q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+def apply_rerank(spec: str, q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray, *,
+                 evalset: EvalSet | None = None, cache_dir=None, progress: bool = False) -> np.ndarray:
+    """Run the re-ranker ``spec``; one that ``needs_images`` gets the images of ``evalset`` (module doc)."""
     name, params = parse_rerank(spec)
-    out = np.asarray(available_rerankers()[name](q_desc, db_desc, ranks, **params))
+    fn = available_rerankers()[name]
+    if getattr(fn, "needs_images", False):
+        if evalset is None:
+            raise EvalError(f"re-ranker {name!r} needs the evaluation set's images: pass evalset")
+        params.update(query_paths=list(evalset.query_paths), db_paths=list(evalset.db_paths),
+                      query_boxes=evalset.query_boxes, cache=cache_dir, progress=progress)
+    out = np.asarray(fn(q_desc, db_desc, ranks, **params))
     if out.ndim != 2 or out.shape[1] != ranks.shape[1] or not np.issubdtype(out.dtype, np.integer):
         raise EvalError(f"re-ranker {name!r} returned {out.dtype} {out.shape}; expected integer ranks "
                         f"[<= {ranks.shape[0]}, {ranks.shape[1]}]")
@@ -452,16 +474,17 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
     return out
 
 
-def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none"
-                      ) -> tuple[dict, list[str], np.ndarray]:
-    """Rank, re-rank and score: returns (metrics, notes, ranks)."""
+def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none", *, cache_dir=None,
+                      progress: bool = False) -> tuple[dict, list[str], np.ndarray]:
+    """Rank, re-rank and score: returns (metrics, notes, ranks). ``cache_dir``/``progress`` reach a re-ranker
+    that needs the images."""
     if desc.q_errors:
         i, msg = next(iter(sorted(desc.q_errors.items())))
         raise EvalError(f"{len(desc.q_errors)} query image(s) of {evalset.name} could not be read, e.g. "
                         f"{evalset.query_paths[i]}: {msg}. Every query must be evaluated; fix or restore "
                         "the file")
     ranks = rank_by_inner_product(desc.q, desc.db, invalid_db=sorted(desc.db_errors))
-    ranks = apply_rerank(rerank, desc.q, desc.db, ranks)
+    ranks = apply_rerank(rerank, desc.q, desc.db, ranks, evalset=evalset, cache_dir=cache_dir, progress=progress)
     metrics, notes = evalset.score(ranks)
     if desc.db_errors:
         notes.append(f"{len(desc.db_errors)} database image(s) could not be read and are ranked last "
@@ -576,7 +599,7 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
                                model_id=model_identity(net, model_name, checkpoint), query_scales=qsc,
                                precision=precision)
     t0 = time.perf_counter()
-    metrics, notes, ranks = score_descriptors(evalset, desc, rerank)
+    metrics, notes, ranks = score_descriptors(evalset, desc, rerank, cache_dir=cache_dir, progress=progress)
     meta = {"dataset": evalset.name, "title": evalset.title, "protocol": evalset.kind, "model": model_name,
             "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "query_scales": list(qsc),
             "max_size": max_size, "precision": resolve_precision(precision, _net_device(net)),
