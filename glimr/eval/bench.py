@@ -427,21 +427,25 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
         model_name = getattr(net, "name", None) or mspec.name
         mlabel = mspec.label or model_name
         model_id = model_identity(net, model_name, mspec.checkpoint)
+        # the model's recommended query scales (its checkpoint config), as `glimr eval` uses them
+        rec_q = (getattr(net, "config", None) or {}).get("query_scales")
         for scales in config.scales:
             sc = parse_scales_arg(scales)
+            qsc = parse_scales_arg(rec_q) if rec_q else sc
             for dspec, es, dlabel in sets:
                 max_size = int(dspec.max_size or config.max_size or es.default_max_size)
                 desc = extract_descriptors(net, es, scales=sc, max_size=max_size,
                                            batch_size=config.batch_size, workers=config.workers,
                                            progress=progress, cache_dir=config.cache, model_id=model_id,
-                                           precision=config.precision)
+                                           query_scales=qsc, precision=config.precision)
                 for rr in config.rerank:
                     t0 = time.perf_counter()
                     metrics, notes, ranks = score_descriptors(es, desc, rr, cache_dir=config.cache, progress=progress)
                     n_done += 1
                     run = {
                         "method": {"model": model_name, "checkpoint": mspec.checkpoint, "label": mlabel,
-                                   "scales": scales, "scale_values": list(sc), "rerank": rr},
+                                   "scales": scales, "scale_values": list(sc), "query_scales": list(qsc),
+                                   "rerank": rr},
                         "dataset": es.name, "dataset_label": dlabel, "title": es.title, "kind": es.kind,
                         "metrics": metrics, "notes": list(es.notes) + notes,
                         "meta": {"n_queries": len(es.query_paths), "n_db": len(es.db_paths),

@@ -392,9 +392,11 @@ def descriptor_cache_key(model_id: dict, evalset: EvalSet, scales: Sequence[floa
                          query_scales: Sequence[float] | None = None) -> str:
     """Cache key of an evaluation's descriptors. ``query_scales`` enter it when they differ from
     ``scales`` (equal ones give the key of an extraction without query scales: same descriptors)."""
+    from glimr.extract.multiscale import UPSCALE_BELOW  # noqa: PLC0415
+
     h = hashlib.sha256()
     head = {"model": model_id, "scales": [round(float(s), 6) for s in scales], "max_size": int(max_size),
-            "kind": evalset.kind}
+            "kind": evalset.kind, "upscale_below": UPSCALE_BELOW}
     if query_scales is not None and not _same_scales(query_scales, scales):
         head["query_scales"] = [round(float(s), 6) for s in query_scales]
     h.update(json.dumps(head, sort_keys=True, default=str).encode())

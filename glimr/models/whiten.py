@@ -64,7 +64,7 @@ def fit_pca_whitening(descs: np.ndarray, dim: int | None = None, shrink: float =
     ``(L2(d) - mu) @ P`` have exactly the identity covariance (1/N) when ``shrink`` is 0. The sign of each
     eigenvector is fixed (its largest-magnitude entry positive) so that a fit is reproducible.
 
-    Raises ValueError for fewer than D'+1 samples, D' outside 1..D, a negative ``shrink``, zero or
+    Raises ValueError for fewer than D'+1 samples (2 with a ``shrink`` > 0), D' outside 1..D, a negative ``shrink``, zero or
     non-finite rows, or descriptors that span fewer than D' directions (use a smaller ``dim`` or a
     ``shrink`` > 0)."""
     x = np.asarray(descs, dtype=np.float64)
@@ -74,11 +74,11 @@ def fit_pca_whitening(descs: np.ndarray, dim: int | None = None, shrink: float =
     dim = d if dim is None else int(dim)
     if not 1 <= dim <= d:
         raise ValueError(f"whitening dim {dim} must be between 1 and the descriptor dimension {d}")
-    if n < dim + 1:
-        raise ValueError(f"PCA-whitening to {dim} dims needs at least {dim + 1} descriptors, got {n}: use more "
-                         f"training images or a smaller dim")
     if not (shrink >= 0 and np.isfinite(shrink)):
         raise ValueError(f"shrink must be a finite number >= 0, not {shrink}")
+    if n < (dim + 1 if shrink == 0 else 2):  # shrink > 0 keeps every kept direction's divisor positive
+        raise ValueError(f"PCA-whitening to {dim} dims needs at least {dim + 1} descriptors, got {n}: use more "
+                         f"training images, a smaller dim or a shrink > 0")
     if not np.isfinite(x).all():
         raise ValueError("descriptors contain NaN or infinite values")
     norms = np.linalg.norm(x, axis=1, keepdims=True)

@@ -26,7 +26,7 @@ import numpy as np
 from glimr.config import nonnegative_float, nonnegative_int, positive_int
 from glimr.models.whiten import attach_whitening, detach_whitening, fit_learned_whitening, fit_pca_whitening
 
-__all__ = ["register", "run", "main", "view_pairs", "group_pairs"]
+__all__ = ["group_pairs", "main", "register", "run", "view_pairs"]
 
 EXAMPLE = """examples:
   glimr whiten gem-lite2 --out runs/gem-lite2-lw.safetensors --method learned \\
@@ -225,8 +225,8 @@ def _image_descriptors(net, args, srcs: list[Path], progress: bool):
             raise ValueError(f"--groups '{gdir}': no sub-folder holds two or more images")
     for f in files + [f for g in groups for f in g]:   # symlinks into a benchmark count too
         _refuse_benchmark(f, "image")
-    kw = dict(scales=(1.0,), max_size=args.max_size, batch_size=args.batch_size, workers=args.workers,
-              precision=args.precision, progress=progress)
+    kw = {"scales": (1.0,), "max_size": args.max_size, "batch_size": args.batch_size, "workers": args.workers,
+          "precision": args.precision, "progress": progress}
     res = extract(net, files, desc="descriptors", **kw)
     blocks, ok_blocks = [res.descriptors], [res.ok]
     for k in range(args.views if args.method == "learned" else 0):

@@ -114,3 +114,20 @@ def test_extract_takes_one_settings_object_or_the_keywords(shared_data, lite0_ge
             extract(lite0_gem, ["/nonexistent.jpg"], **bad)
     with pytest.raises(ValueError, match="finite"):
         parse_box("0,0,inf,inf")
+
+
+def test_thumbnails_are_upscaled_crops_are_not(shared_data):
+    """A whole image shorter than UPSCALE_BELOW * max_size is upscaled to that size; a query crop is not."""
+    from glimr.extract.multiscale import UPSCALE_BELOW, ImageViews
+    from glimr.io.images import load_image
+
+    coil = sorted((shared_data / "coil100" / "db").iterdir())[0]
+    img = load_image(coil)
+    assert max(img.size) == 128
+    v = resized_views(img, (1.0,), 512, upscale_below=UPSCALE_BELOW)[0]
+    assert max(v.shape[1:]) == round(UPSCALE_BELOW * 512)
+    assert max(resized_views(img, (1.0,), 512)[0].shape[1:]) == 128          # off by default
+    big = load_image(shared_data / "ukbench" / "ukbench00000.jpg")             # 640 px: only downscaled
+    assert max(resized_views(big, (1.0,), 512, upscale_below=UPSCALE_BELOW)[0].shape[1:]) == 512
+    ds = ImageViews([coil, coil], (1.0,), 512, boxes=[None, (0, 0, 100, 80)], draft=False)
+    assert max(ds[0][1][0].shape[1:]) == 256 and tuple(ds[1][1][0].shape[1:]) == (80, 100)

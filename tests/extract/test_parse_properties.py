@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from glimr.extract.multiscale import SCALE_SETS, crop_box, parse_box, parse_scales
+from glimr.extract.multiscale import MAX_SCALE, SCALE_SETS, crop_box, parse_box, parse_scales
 from glimr.io.images import ImageError
 
 NUMBER = (st.floats(allow_nan=True, allow_infinity=True).map(repr) | st.integers(-10**6, 10**6).map(str)
@@ -62,9 +62,9 @@ def test_a_sequence_of_numbers_is_checked_the_same_way(seq):
     try:
         scales = parse_scales(seq)
     except ValueError:
-        assert not seq or any(not (s > 0 and math.isfinite(s)) for s in seq)
+        assert not seq or any(not (0 < s <= MAX_SCALE and math.isfinite(s)) for s in seq)
         return
-    assert scales == tuple(float(s) for s in seq)
+    assert scales == tuple(float(s) for s in seq) and all(s <= MAX_SCALE for s in scales)
 
 
 @pytest.mark.parametrize("name", sorted(SCALE_SETS))

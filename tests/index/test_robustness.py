@@ -346,7 +346,8 @@ def test_numeric_arguments_are_checked_before_any_work(argv, tmp_path, capsys):
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "out of range" in err or "bad scales" in err or "bad box" in err or "not a whole number" in err
+    assert any(m in err for m in ("out of range", "bad scales", "bad box", "not an integer", "not a finite number",
+                                  "must be"))
     assert not (tmp_path / "new").exists()
 
 
