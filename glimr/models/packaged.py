@@ -23,7 +23,11 @@ PACKAGED: dict[str, tuple[str, str]] = {
     "cider-lite0-composites-pcaw": (
         "cider-lite0-composites-pcaw",
         "cider-lite0-composites + PCA-whitening learned on its 4,000 training views; queries over the scale "
-        "pyramid 1, 0.7071, 0.5; glimr's default"),
+        "pyramid 1, 0.7071, 0.5 (the default until it lost to the off-the-shelf backbone on real photos)"),
+    "gem-lite2-realw": (
+        "gem-lite2-realw",
+        "GeM on the packaged ImageNet EfficientNet-Lite2 + PCA-whitening learned on 1,279 real photos (photos/, "
+        "train-real/); no trained head; glimr's default (best measured on the real sets)"),
 }
 
 
