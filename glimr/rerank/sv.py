@@ -364,6 +364,7 @@ class FeatureCache:
         self.errors: dict[str, str] = {}
         self._mem: dict[str, LocalFeatures | None] = {}
         self._lock = threading.Lock()
+        self.writable = True     # False once a write failed (read-only index folder): memory only from then on
 
     @staticmethod
     def file_key(path, content_hash: str | None = None, box=None) -> str:
@@ -405,10 +406,13 @@ class FeatureCache:
                 return None
             with self._lock:
                 self.extracted += 1
-            if f is not None:
+            if f is not None and self.writable:
                 from glimr.io.atomic import atomic_write_bytes
 
-                atomic_write_bytes(f, feats.to_bytes())
+                try:
+                    atomic_write_bytes(f, feats.to_bytes())
+                except OSError:  # a read-only index (or a full disk) is still searched: features stay in memory
+                    self.writable = False
         with self._lock:
             self._mem[key] = feats
         return feats

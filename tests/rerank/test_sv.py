@@ -173,6 +173,17 @@ def cluttered(tmp_path_factory, shared_data):
     return root
 
 
+def test_a_cache_folder_that_cannot_be_written_keeps_features_in_memory(uk, tmp_path):
+    """A read-only index folder is still searched with sv: the features stay in memory (here the cache
+    folder's parent is a file, so every write fails for real, also as root)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    cache = sv.FeatureCache(blocker / "sv", sv.FeatureConfig())
+    f = cache.get(uk / "ukbench00000.jpg")
+    assert f is not None and len(f.xy) > 100 and cache.writable is False
+    assert cache.get(uk / "ukbench00000.jpg") is f and cache.extracted == 1   # served from memory
+
+
 def test_eval_rerank_sv_raises_map_and_reuses_the_cache(cluttered, lite0_gem, tmp_path):
     kw = {"net": lite0_gem, "max_size": 256, "workers": 0, "progress": False, "cache_dir": tmp_path / "cache"}
     base = E.evaluate(str(cluttered), keep=True, **kw)
