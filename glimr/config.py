@@ -16,7 +16,7 @@ import argparse
 import math
 
 __all__ = ["check_number", "finite_float", "float_in", "int_in", "nonnegative_float", "nonnegative_int",
-           "positive_float", "positive_int"]
+           "positive_float", "positive_int", "settings_from_json"]
 
 
 def _int(text) -> int:
@@ -98,3 +98,19 @@ def check_number(name: str, value, kind, *, optional: bool = False) -> int | flo
         return kind(value)
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def settings_from_json(cls, d, what: str):
+    """A settings dataclass ``cls`` from a JSON object ``d`` (e.g. a section of index.json): unknown keys and
+    bad types are a ValueError naming ``what``; the values are validated by ``cls`` itself."""
+    import dataclasses
+
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ValueError(f"bad {what}: {e}") from None

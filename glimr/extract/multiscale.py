@@ -171,15 +171,9 @@ class ExtractSettings:
 
     @classmethod
     def from_json(cls, d: dict) -> ExtractSettings:
-        if not isinstance(d, dict):
-            raise ValueError(f"extraction settings must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown extraction settings {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ValueError(f"bad extraction settings: {e}") from None
+        from glimr.config import settings_from_json
+
+        return settings_from_json(cls, d, "extraction settings")
 
 
 def checkpoint_weights(checkpoint: str | Path) -> Path:

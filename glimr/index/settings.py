@@ -79,15 +79,9 @@ class IndexSettings:
 
     @classmethod
     def from_json(cls, d: dict) -> IndexSettings:
-        if not isinstance(d, dict):
-            raise ValueError(f"index settings must be a JSON object, got {type(d).__name__}")  # noqa: TRY004
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown index settings {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ValueError(f"bad index settings: {e}") from None
+        from glimr.config import settings_from_json
+
+        return settings_from_json(cls, d, "index settings")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 
 from glimr.models.precision import hi, no_autocast
 
-__all__ = ["PCAWhitening", "fit_pca_whitening", "fit_learned_whitening", "attach_whitening", "detach_whitening"]
+__all__ = ["PCAWhitening", "attach_whitening", "detach_whitening", "fit_learned_whitening", "fit_pca_whitening"]
 
 
 class PCAWhitening(nn.Module):
@@ -57,6 +57,24 @@ class PCAWhitening(nn.Module):
             return F.normalize((x - self.mean) @ self.proj, dim=-1)
 
 
+def _descriptor_rows(descs: np.ndarray, dim: int | None) -> tuple[np.ndarray, int]:
+    """``descs`` as float64 (N, D) rows checked (2-D, finite, no zero row) and L2-normalised, and the output
+    dimension (``dim``, default D, checked to lie in 1..D)."""
+    x = np.asarray(descs, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be an (N, D) array, not shape {x.shape}")
+    d = x.shape[1]
+    dim = d if dim is None else int(dim)
+    if not 1 <= dim <= d:
+        raise ValueError(f"whitening dim {dim} must be between 1 and the descriptor dimension {d}")
+    if not np.isfinite(x).all():
+        raise ValueError("descriptors contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{int((norms == 0).sum())} descriptors are all-zero (failed images?): drop them first")
+    return x / norms, dim
+
+
 def fit_pca_whitening(descs: np.ndarray, dim: int | None = None, shrink: float = 0.0) -> PCAWhitening:
     """Fit the PCA-whitening (module doc) on ``descs`` (N, D) in float64; ``dim`` = D' (default D).
 
@@ -67,24 +85,13 @@ def fit_pca_whitening(descs: np.ndarray, dim: int | None = None, shrink: float =
     Raises ValueError for fewer than D'+1 samples (2 with a ``shrink`` > 0), D' outside 1..D, a negative ``shrink``, zero or
     non-finite rows, or descriptors that span fewer than D' directions (use a smaller ``dim`` or a
     ``shrink`` > 0)."""
-    x = np.asarray(descs, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"descriptors must be an (N, D) array, not shape {x.shape}")
-    n, d = x.shape
-    dim = d if dim is None else int(dim)
-    if not 1 <= dim <= d:
-        raise ValueError(f"whitening dim {dim} must be between 1 and the descriptor dimension {d}")
     if not (shrink >= 0 and np.isfinite(shrink)):
         raise ValueError(f"shrink must be a finite number >= 0, not {shrink}")
+    x, dim = _descriptor_rows(descs, dim)
+    n, d = x.shape
     if n < (dim + 1 if shrink == 0 else 2):  # shrink > 0 keeps every kept direction's divisor positive
         raise ValueError(f"PCA-whitening to {dim} dims needs at least {dim + 1} descriptors, got {n}: use more "
                          f"training images, a smaller dim or a shrink > 0")
-    if not np.isfinite(x).all():
-        raise ValueError("descriptors contain NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{int((norms == 0).sum())} descriptors are all-zero (failed images?): drop them first")
-    x = x / norms
     mu = x.mean(axis=0)
     xc = x - mu
     cov = xc.T @ xc / n
@@ -120,26 +127,15 @@ def fit_learned_whitening(descs: np.ndarray, pairs: np.ndarray, dim: int | None 
     V keeps the D' most discriminative directions of what remains. ``reg`` (not in the paper; 0 = as
     written) shrinks C_S towards a multiple of the identity: with fewer independent pairs than dimensions
     C_S is singular. Returns a :class:`PCAWhitening` (same ``mean`` / ``proj`` form), ``proj`` = W V[:, :D']."""
-    x = np.asarray(descs, dtype=np.float64)
-    pairs = np.asarray(pairs, dtype=np.int64)
-    if x.ndim != 2:
-        raise ValueError(f"descriptors must be an (N, D) array, not shape {x.shape}")
+    x, dim = _descriptor_rows(descs, dim)
     n, d = x.shape
-    dim = d if dim is None else int(dim)
-    if not 1 <= dim <= d:
-        raise ValueError(f"whitening dim {dim} must be between 1 and the descriptor dimension {d}")
+    pairs = np.asarray(pairs, dtype=np.int64)
     if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
         raise ValueError(f"pairs must be a non-empty (M, 2) array of row indices, not shape {pairs.shape}")
     if pairs.min() < 0 or pairs.max() >= n or (pairs[:, 0] == pairs[:, 1]).any():
         raise ValueError(f"pairs must index two different rows of the {n} descriptors")
     if not (reg >= 0 and np.isfinite(reg)):
         raise ValueError(f"reg must be a finite number >= 0, not {reg}")
-    if not np.isfinite(x).all():
-        raise ValueError("descriptors contain NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{int((norms == 0).sum())} descriptors are all-zero (failed images?): drop them first")
-    x = x / norms
     mu = x.mean(axis=0)
     df = x[pairs[:, 0]] - x[pairs[:, 1]]
     cs = df.T @ df / len(df)
@@ -149,7 +145,7 @@ def fit_learned_whitening(descs: np.ndarray, pairs: np.ndarray, dim: int | None 
         raise ValueError(f"the {len(pairs)} pairs span too few directions for {d} dims: use more pairs or reg > 0")
     w = (vec_s / np.sqrt(lam_s)) @ vec_s.T            # C_S^{-1/2}, symmetric
     y = (x - mu) @ w
-    lam, vec = np.linalg.eigh(y.T @ y / n)
+    _, vec = np.linalg.eigh(y.T @ y / n)
     vec = vec[:, ::-1][:, :dim]
     big = np.abs(vec).argmax(axis=0)
     vec = vec * np.sign(vec[big, np.arange(dim)])       # sign convention: largest entry positive
