@@ -244,15 +244,13 @@ def _image_descriptors(net, args, srcs: list[Path], progress: bool):
         ok_blocks.append(np.linalg.norm(d, axis=1) > 0)
     n = len(files)
     pairs = view_pairs(n, len(blocks) - 1)
-    labels = np.full(n * len(blocks), -1)
     if groups:
-        flat = [f for g in groups for f in g]
-        gres = extract(net, flat, desc="groups", **kw)
+        offset = n * len(blocks)                 # the group photos' rows follow the images and their views
+        gres = extract(net, [f for g in groups for f in g], desc="groups", **kw)
         blocks.append(gres.descriptors)
         ok_blocks.append(gres.ok)
-        labels = np.concatenate([labels, np.repeat(np.arange(len(groups)), [len(g) for g in groups])])
-        gp = group_pairs(labels[n * (len(blocks) - 1):], args.group_pairs) + n * (len(blocks) - 1)
-        pairs = np.concatenate([pairs, gp])
+        labels = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+        pairs = np.concatenate([pairs, group_pairs(labels, args.group_pairs) + offset])
     descs, ok = np.concatenate(blocks), np.concatenate(ok_blocks)
     # drop failed rows and the pairs that touch them; renumber the rest
     keep_pairs = ok[pairs].all(axis=1)
