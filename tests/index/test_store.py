@@ -122,7 +122,7 @@ def test_build_killed_many_times_resumes_to_the_same_index(shared_data, tmp_path
     a clean build vector for vector (fp32, --precision fp32: equal to 1e-6) with nothing lost or duplicated."""
     imgs = _copy_ukb(shared_data, tmp_path / "imgs", range(48))
     cmd = [sys.executable, "-m", "glimr.cli", "index", "build", str(imgs), "--index", str(tmp_path / "killed"),
-           "--model", "gem-lite0", "--max-size", "128", "--chunk-size", "4", "--batch-size", "4", "--workers", "0",
+           "--model", "gem-lite0", "--max-size", "128", "--chunk-size", "2", "--batch-size", "2", "--workers", "0",
            "--precision", "fp32"]
     db = tmp_path / "killed" / "meta.sqlite"
     rng = random.Random(12)
@@ -143,12 +143,16 @@ def test_build_killed_many_times_resumes_to_the_same_index(shared_data, tmp_path
         deadline = time.time() + 120
         while not db.exists() and proc.poll() is None and time.time() < deadline:  # the model is loaded
             time.sleep(0.02)
-        if kills % 2:  # odd kills: somewhere in the setup or the first chunk
-            time.sleep(rng.uniform(0, 0.5))
-        else:  # even kills: once this run has committed something, at a random moment of a later chunk
+        # the kill points depend on progress, not on this machine's speed: a fast, idle machine commits a
+        # chunk in tens of milliseconds, so a fixed delay could let the whole build finish first
+        if kills % 2:  # odd kills: somewhere in the setup or the first chunk (whichever a random delay hits)
+            t_end = time.time() + rng.uniform(0, 0.5)
+            while time.time() < t_end and committed() <= at[-1] and proc.poll() is None:
+                time.sleep(0.005)
+        else:  # even kills: once this run has committed something, early in the next chunk
             while committed() <= at[-1] and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.15))
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.02))
         if proc.poll() is not None:
             break  # it finished first: the remaining kills cannot happen
         proc.send_signal(signal.SIGKILL)
