@@ -25,24 +25,23 @@ class Parser(argparse.ArgumentParser):
 MAX_TOP = 10_000            # `glimr search --top`: at most this many results
 
 
-def _scales_arg(text: str) -> str:
-    from glimr.extract.multiscale import parse_scales
+def _checked_text(parser_name: str):
+    """An argparse type that checks a text with ``glimr.extract.multiscale.<parser_name>`` (e.g. parse_scales,
+    parse_box) before any work and keeps the text."""
+    def check(text: str) -> str:
+        from glimr.extract import multiscale
 
-    try:
-        parse_scales(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+        try:
+            getattr(multiscale, parser_name)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    check.__name__ = parser_name.removeprefix("parse_")
+    return check
 
 
-def _box_arg(text: str) -> str:
-    from glimr.extract.multiscale import parse_box
-
-    try:
-        parse_box(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+_scales_arg = _checked_text("parse_scales")
+_box_arg = _checked_text("parse_box")
 
 
 def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> None:

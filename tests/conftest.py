@@ -32,3 +32,22 @@ def lite0_gem():
     from glimr.models.registry import build_model
 
     return build_model("gem-lite0")
+
+
+# ---- whitening (tests/models/test_whiten.py, tests/train/test_whiten_cli.py) -----------------------------
+WHITEN_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def whiten_photos(shared_data):
+    """20 real training photos to fit whitenings on."""
+    return sorted((shared_data / "photos").glob("*.JPEG"))[:20]
+
+
+@pytest.fixture(scope="session")
+def whiten_plain_descs(whiten_photos, lite0_gem):
+    """Their gem-lite0 descriptors at longest side WHITEN_SIZE, fp32: what a whitening is fitted on."""
+    from glimr.extract.multiscale import extract
+
+    return extract(lite0_gem, whiten_photos, max_size=WHITEN_SIZE, workers=0, progress=False,
+                   precision="fp32").descriptors

@@ -13,7 +13,7 @@ from glimr.models.checkpoint import load_model, save_model
 from glimr.models.registry import build_model
 from glimr.models.whiten import PCAWhitening, attach_whitening, detach_whitening, fit_pca_whitening
 
-SIZE = 128
+SIZE = 128  # the longest side whiten_plain_descs (tests/conftest.py) were extracted at
 
 
 def _data(n=400, d=24, seed=0):
@@ -98,33 +98,23 @@ def test_refusals():
     # with shrink > 0 every kept direction has a positive divisor: fewer samples than dims is fine (fp32 buffers)
     w = fit_pca_whitening(x[:20], shrink=0.5)
     assert w.dim == 24 and torch.isfinite(w.proj).all()
-    xn, mu, proj, _ = _formula(x[:20], 24, shrink=0.5)
+    _, _, proj, _ = _formula(x[:20], 24, shrink=0.5)
     assert _same_up_to_sign(w.proj.double().numpy()[:, :19], proj[:, :19], atol=1e-3 * np.abs(proj[:, :19]).max())
     with pytest.raises(ValueError, match="at least"):
         fit_pca_whitening(x[:1], shrink=0.5)
 
 
 # ------------------------------------------------------------------------------------------ real model
-@pytest.fixture(scope="module")
-def photos(shared_data):
-    return sorted((shared_data / "photos").glob("*.JPEG"))[:20]
-
-
-@pytest.fixture(scope="module")
-def plain_descs(photos):
-    net = build_model("gem-lite0")
-    return extract(net, photos, max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
-
-
-def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_descs, tmp_path):
+def test_whitened_model_round_trip_through_a_partial_checkpoint(whiten_photos, whiten_plain_descs,
+                                                                   tmp_path):
     net = build_model("gem-lite0")                          # own instance: attaching changes it
-    pcaw = fit_pca_whitening(plain_descs, dim=16)
+    pcaw = fit_pca_whitening(whiten_plain_descs, dim=16)
     attach_whitening(net, pcaw, source="test photos")
     assert net.dim == 16 and net.head.dim == 1280
     assert net.config["pca_whiten"] == {"dim": 16, "in_dim": 1280, "shrink": 0.0, "source": "test photos"}
-    d = extract(net, photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
+    d = extract(net, whiten_photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
     # the net's stage is the formula applied to the plain descriptors
-    ref = (plain_descs[:2] - pcaw.mean.numpy()) @ pcaw.proj.numpy()
+    ref = (whiten_plain_descs[:2] - pcaw.mean.numpy()) @ pcaw.proj.numpy()
     assert np.allclose(d, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-4)
 
     st = save_model(net, tmp_path / "w.safetensors", prefixes=["head."])
@@ -135,7 +125,7 @@ def test_whitened_model_round_trip_through_a_partial_checkpoint(photos, plain_de
     assert set(load_file(str(st))) == {"head.pool.p", "pcaw.mean", "pcaw.proj"}
     again = build_model(checkpoint=st)
     assert isinstance(again.pcaw, PCAWhitening) and again.dim == 16
-    d2 = extract(again, photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
+    d2 = extract(again, whiten_photos[:2], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
     assert d2.shape == (2, 16)
     assert np.allclose(np.linalg.norm(d2, axis=1), 1, atol=1e-5)
     assert np.allclose(d2, d, atol=1e-5)

@@ -13,18 +13,7 @@ from glimr.models.whiten import fit_pca_whitening
 from glimr.train.whiten import group_pairs, view_pairs
 from glimr.train.whiten import main as whiten_main
 
-SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def photos(shared_data):
-    return sorted((shared_data / "photos").glob("*.JPEG"))[:20]
-
-
-@pytest.fixture(scope="module")
-def plain_descs(photos):
-    net = build_model("gem-lite0")
-    return extract(net, photos, max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
+SIZE = 128  # the longest side whiten_plain_descs (tests/conftest.py) were extracted at
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +23,10 @@ def head_ckpt(tmp_path_factory):
     return out
 
 
-def test_cli_refuses_ukbench(head_ckpt, shared_data, photos, tmp_path, capsys):
+def test_cli_refuses_ukbench(head_ckpt, shared_data, whiten_photos, tmp_path, capsys):
     uk = tmp_path / "UKBench"
     uk.mkdir()
-    (uk / "a.jpg").symlink_to(photos[0])
+    (uk / "a.jpg").symlink_to(whiten_photos[0])
     for folder in (uk, shared_data / "ukbench"):
         assert whiten_main(["whiten", str(head_ckpt), "--out", str(tmp_path / "o.safetensors"),
                             "--images", str(folder), "--quiet"]) == 2
@@ -57,10 +46,11 @@ def test_cli_refuses_ukbench(head_ckpt, shared_data, photos, tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_descs, tmp_path, capsys):
+def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, whiten_photos, whiten_plain_descs, tmp_path,
+                                                      capsys):
     train = tmp_path / "train"
     train.mkdir()
-    for p in photos:
+    for p in whiten_photos:
         (train / p.name).symlink_to(p)
     out = tmp_path / "gem-w.safetensors"
     from glimr.cli import main as glimr_main  # registered in the one entry point
@@ -77,7 +67,7 @@ def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_d
     net = build_model(checkpoint=out)
     assert net.dim == 16 and net.config["query_scales"] == [1.0, 0.7071, 0.5]
     # the same fit as from the descriptors directly
-    ref = fit_pca_whitening(plain_descs, dim=16)
+    ref = fit_pca_whitening(whiten_plain_descs, dim=16)
     assert np.allclose(net.pcaw.mean.numpy(), ref.mean.numpy(), atol=1e-5)
     assert np.allclose(net.pcaw.proj.numpy(), ref.proj.numpy(), atol=1e-3 * float(ref.proj.abs().max()))
     # re-whitening a whitened checkpoint starts from the plain descriptors again (not whitened twice)
@@ -92,13 +82,13 @@ def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, photos, plain_d
     assert build_model(checkpoint=out2).dim == 8
 
 
-def test_cli_from_a_feature_cache(head_ckpt, photos, tmp_path, capsys):
+def test_cli_from_a_feature_cache(head_ckpt, whiten_photos, tmp_path, capsys):
     from PIL import Image
 
     from glimr.train.cache import build_image_cache
 
     pngs = []  # PNG copies: the image cache's size check trips on some JPEGs' reduced (draft) decoding
-    for p in photos:
+    for p in whiten_photos:
         with Image.open(p) as im:
             im = im.convert("RGB")
             im.thumbnail((160, 160))
@@ -125,11 +115,11 @@ def test_view_and_group_pairs():
     assert len(group_pairs(labels, 1)) == 2                     # at most one pair per label
 
 
-def test_cli_learned_whitening_from_real_views_and_webcam_groups(photos, shared_data, tmp_path, capsys):
+def test_cli_learned_whitening_from_real_views_and_webcam_groups(whiten_photos, shared_data, tmp_path, capsys):
     """--method learned on real photos: generated views of 8 photos and two real webcams (3 photos each)."""
     train, groups = tmp_path / "train", tmp_path / "groups"
     train.mkdir()
-    for p in photos[:8]:
+    for p in whiten_photos[:8]:
         (train / p.name).symlink_to(p)
     cams = sorted(p for p in (shared_data / "train-real" / "webcam").iterdir() if p.is_dir())[:2]
     for cam in cams:
@@ -149,5 +139,5 @@ def test_cli_learned_whitening_from_real_views_and_webcam_groups(photos, shared_
     assert cfg["name"] == "gem-lite0" and cfg["partial"]["prefixes"] == ["head.", "pcaw."]
     assert cfg["pca_whiten"]["method"] == "learned" and "14 pairs" in cfg["pca_whiten"]["source"]
     net = build_model(checkpoint=out)
-    d = extract(net, photos[:3], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
+    d = extract(net, whiten_photos[:3], max_size=SIZE, workers=0, progress=False, precision="fp32").descriptors
     assert d.shape == (3, 16) and np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
