@@ -53,7 +53,9 @@ def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> No
     p.add_argument("--weights", default="pretrained", choices=["pretrained", "none"],
                    help="backbone weights when no checkpoint is given (ResNet pretrained needs a network once)")
     p.add_argument("--scales", default=scales_default, type=_scales_arg,
-                   help="1, 3, 5 or a comma list like 1,0.7071,1.4142 (each > 0 and <= 8, at most 16)")
+                   help="1, 3 = cirtorch3 (1/sqrt2, 1, sqrt2), 5 = paper5 (sqrt2^k for k=-3..1, as UGALR, DPLG and "
+                        "co-attention use), 7 = delg7, or a comma list like 1,0.7071,1.4142 (each > 0 and <= 8, "
+                        "at most 16)")
     p.add_argument("--max-size", type=int_in(1, MAX_SIDE), default=512,
                    help=f"longest image side before scaling (1..{MAX_SIDE})")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=8,

@@ -54,7 +54,8 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="pretrained",
                    help="backbone weights when no checkpoint (default pretrained)")
     p.add_argument("--scales", nargs="+", default=["1"],
-                   help='scale set: 1, 3 (0.7071 1 1.4142), 5 (0.5 .. 2) or the scales themselves, '
+                   help='scale set: 1, 3 = cirtorch3 (1/sqrt2, 1, sqrt2), 5 = paper5 (sqrt2^k, k=-3..1: UGALR, DPLG, '
+                        'co-attention), 7 = delg7 (0.25 .. 2) or the scales themselves, '
                         'e.g. "1,0.7071,1.4142" or 1 0.7071 1.4142 (the database; and the queries unless '
                         '--query-scales)')
     p.add_argument("--query-scales", nargs="+", default=None,

@@ -30,11 +30,23 @@ from tqdm.auto import tqdm
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from glimr.models.precision import autocast
 
+_R2 = math.sqrt(2.0)
+# Named scale sets, each with its source. The scales multiply the image resized to max_size (longest side).
 SCALE_SETS: dict[str, tuple[float, ...]] = {
     "1": (1.0,),
-    "3": (0.7071, 1.0, 1.4142),                 # GeM / GLAM / DPLG multi-scale
-    "5": (0.5, 0.7071, 1.0, 1.4142, 2.0),       # DELG / co-attention / UGALR 5 scales
+    # {1/sqrt2, 1, sqrt2}: Radenovic et al. 2018 (cirtorch, GeM); GLAM's multi-resolution representation
+    # [16] is this one. Co-attention paper, Table 3, first row.
+    "cirtorch3": (1 / _R2, 1.0, _R2),
+    # {1/(2 sqrt2), 1/2, 1/sqrt2, 1, sqrt2} = sqrt2^k, k = -3..1: Yang et al. 2021 (DOLG); used by
+    # co-attention (Sec. 4, "5 scales"), DPLG (Sec. 4: "5 scales") and UGALR (Sec. 4: 0.3535, 0.5, ...).
+    "paper5": (1 / (2 * _R2), 0.5, 1 / _R2, 1.0, _R2),
+    # {1/4, 1/(2 sqrt2), 1/2, 1/sqrt2, 1, sqrt2, 2}: Cao et al. 2020 (DELG), Tolias et al. 2020 (HOW);
+    # co-attention paper, Table 3, third row.
+    "delg7": (0.25, 1 / (2 * _R2), 0.5, 1 / _R2, 1.0, _R2, 2.0),
 }
+SCALE_SETS["3"] = SCALE_SETS["cirtorch3"]   # short names: the papers' "3 scales" and "5 scales"
+SCALE_SETS["5"] = SCALE_SETS["paper5"]
+SCALE_SETS["7"] = SCALE_SETS["delg7"]
 
 Box = tuple[float, float, float, float]
 
@@ -49,7 +61,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
-    """"1" | "3" | "5" | "1,0.7071,1.4142" | a sequence of floats -> tuple of positive floats (each at most
+    """"1" | a name of SCALE_SETS ("cirtorch3" = "3", "paper5" = "5", "delg7" = "7") | "1,0.7071,1.4142" | a sequence of floats -> tuple of positive floats (each at most
     MAX_SCALE, at most MAX_SCALES of them)."""
     if not isinstance(spec, str):
         try:
@@ -62,7 +74,7 @@ def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
         try:
             scales = tuple(float(s) for s in spec.split(",") if s.strip())
         except ValueError:
-            raise ValueError(f"bad scales {spec!r}: use 1, 3, 5 or a comma list like 1,0.7071,1.4142") from None
+            raise ValueError(f"bad scales {spec!r}: use 1, 3 (cirtorch3), 5 (paper5), 7 (delg7) or a comma list like 1,0.7071,1.4142") from None
     if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"bad scales {spec!r}: need one or more positive numbers")
     if any(s > MAX_SCALE for s in scales) or len(scales) > MAX_SCALES:

@@ -51,7 +51,6 @@ def test_kmeans_is_deterministic_and_consistent():
 
 
 def test_selection_takes_the_largest_norms_over_all_scales():
-    rng = np.random.default_rng(2)
     maps = [torch.rand(6, 3, 4), torch.rand(6, 5, 2) * 2]
     feats, pos = select_top_n(maps, 7)
     allf = [(float(m[:, y, x].norm()), s, y, x) for s, m in enumerate(maps)
@@ -59,7 +58,6 @@ def test_selection_takes_the_largest_norms_over_all_scales():
     top = sorted(allf, key=lambda t: -t[0])[:7]
     assert [tuple(p) for p in pos.tolist()] == [(s, y, x) for _, s, y, x in top]
     assert np.allclose(feats[0], maps[pos[0][0]][:, pos[0][1], pos[0][2]].numpy())
-    assert rng is not None
 
 
 def test_cluster_gem_matches_a_direct_computation():

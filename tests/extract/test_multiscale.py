@@ -12,8 +12,17 @@ def _ukb(shared_data, idx):
 
 def test_parse_scales_and_boxes():
     assert parse_scales("1") == (1.0,)
-    assert parse_scales("3") == SCALE_SETS["3"] == (0.7071, 1.0, 1.4142)
-    assert parse_scales("5") == (0.5, 0.7071, 1.0, 1.4142, 2.0)
+    # The papers' sets, from their text (fp64, rel. 1e-12): co-attention Sec. 4 and Table 3, DPLG Sec. 4,
+    # UGALR Sec. 4 ("0.3535, 0.5, 0.7071, 1, 1.4142", rounded in the paper).
+    r2 = 2 ** 0.5
+    papers = {"cirtorch3": [1 / r2, 1, r2], "paper5": [1 / (2 * r2), 1 / 2, 1 / r2, 1, r2],
+              "delg7": [1 / 4, 1 / (2 * r2), 1 / 2, 1 / r2, 1, r2, 2]}
+    for name, want in papers.items():
+        assert parse_scales(name) == pytest.approx(want, rel=1e-12)
+    assert parse_scales("3") == SCALE_SETS["cirtorch3"]
+    assert parse_scales("5") == SCALE_SETS["paper5"]
+    assert parse_scales("7") == SCALE_SETS["delg7"]
+    assert parse_scales("paper5") == pytest.approx([0.3535, 0.5, 0.7071, 1.0, 1.4142], abs=1e-4)  # UGALR's
     assert parse_scales("1,0.5") == (1.0, 0.5)
     for bad in ("", "a,b", "0", "-1,1", "nan"):
         with pytest.raises(ValueError):

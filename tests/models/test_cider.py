@@ -134,9 +134,38 @@ def test_straight_through_masks_train_the_localisation_conv(feat):
         g = h.localize.f.weight.grad
         assert (g is not None and g.abs().max() > 0) == expect_grad, mode
         assert h.localize.alpha.grad.abs().max() > 0
-        # the forward value is the printed eq. (3) either way
-        m = out.attention["masks"]
-        assert set(np.unique(npy(m[m != 1]))) <= set(np.unique(npy(m))) and m.max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["ste", "none"])
+def test_mask_forward_value_is_eq3_in_training(feat, mode):
+    """In training, with or without the straight-through gradient, the masks' forward value is eq. (3)
+    exactly (fp64: equal, not close): beta below the threshold, 1 at or above it."""
+    h = make_head(mask_grad=mode, beta_random=False, beta_fixed=0.25).train()
+    m = npy(h(None, lambda _: feat).attention["masks"])
+    for b in range(feat.shape[0]):
+        a = attention_ref(h, npy(feat[b]))
+        want = masks_ref(a, list(npy(h.localize.tau)), 0.25)
+        assert np.array_equal(m[b], want), mode
+
+
+def test_straight_through_gradient_is_the_sigmoid_relaxation():
+    """d M_i / d A = (1 - beta) sigma'((A - tau_i) / t) / t: the gradient of the relaxation
+    beta + (1 - beta) sigma((A - tau_i) / t), while the value stays eq. (3) (fp64, rel. 1e-12)."""
+    h = make_head(mask_grad="ste", ste_temperature=0.1).double()
+    a = torch.linspace(0, 1, 13, dtype=torch.float64).view(1, 1, 13).repeat(1, 2, 1).requires_grad_(True)
+    beta = 0.3
+    m = h.localize.masks(a, beta)                       # (1, T=2, 2, 13)
+    c = torch.arange(m.numel(), dtype=torch.float64).view_as(m) / m.numel()
+    (m * c).sum().backward()
+    av, t = npy(a)[0], 0.1
+    taus = list(npy(h.localize.tau))                    # 1/3, 2/3 as stored (a float32 buffer)
+    want = np.zeros_like(av)
+    for i, tau in enumerate(taus):
+        z = (av - tau) / t
+        sig = 1 / (1 + np.exp(-z))
+        want += npy(c)[0, i] * (1 - beta) * sig * (1 - sig) / t
+    assert np.allclose(npy(a.grad)[0], want, rtol=1e-12, atol=1e-15)
+    assert np.array_equal(npy(m)[0], masks_ref(av, taus, beta))   # the value: eq. (3)
 
 
 @pytest.mark.parametrize("enhancement", ENHANCEMENTS)
