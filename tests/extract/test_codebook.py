@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from glimr.extract.local import PCA, Codebook, CoAttentionParams, ImageLocal, LocalConfig
+from glimr.extract.local import PCA, CoAttentionParams, Codebook, ImageLocal, LocalConfig
 
 
 def blobs(rng, k=8, per=40, d=16, spread=0.05):
