@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from reference_ops import bn_relu_ref, conv_ref
 
 from glimr.models.heads.cider import CONTEXTS, ENHANCEMENTS, CiDeRHead, freeze_backbone
 
@@ -105,7 +106,7 @@ def test_background_random_in_training_fixed_at_inference():
     assert not torch.equal(b1, b2)                                         # random in training
     assert b1.min() >= 0 and b1.max() <= 1                                # beta = clip(eps, 0, 1)
     # eps ~ N(0.1, 0.9^2): P(beta = 0) = Phi(-0.1/0.9), P(beta = 1) = 1 - Phi(1), mean in between
-    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))                # noqa: E731
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
     assert (b1 == 0).double().mean().item() == pytest.approx(phi(-0.1 / 0.9), abs=0.02)
     assert (b1 == 1).double().mean().item() == pytest.approx(1 - phi(1.0), abs=0.02)
     al.eval()
@@ -204,3 +205,57 @@ def test_freeze_backbone_trains_only_the_head():
     assert torch.equal(bn.running_mean, before)
     assert all(p.grad is None for p in net.backbone.parameters())
     assert all(p.grad is not None for p in net.head.parameters())
+
+
+def test_eca_enhancement_against_the_formula(randomize_bn):
+    """f^e = ECA-Net: x * sigmoid(conv1d_k(GAP(x)) over the channel axis, zero padding, no bias), with the
+    adaptive kernel k = odd(|(log2 c + 1) / 2|) (float64, rel. 1e-9)."""
+    for c, k_want in ((64, 3), (512, 5), (1280, 5), (2048, 7)):
+        t = int(abs((math.log2(c) + 1) / 2))
+        assert (t if t % 2 else t + 1) == k_want
+        h = CiDeRHead(SimpleNamespace(channels={"res4": 8, "res5": c}), enhancement="eca", context="none",
+                      use_localization=False)
+        assert h.enhance.conv.kernel_size == (k_want,)
+    h = CiDeRHead(SimpleNamespace(channels={"res4": 8, "res5": 64}), enhancement="eca", context="none",
+                  use_localization=False).double().eval()
+    torch.manual_seed(5)
+    x = torch.rand(2, 64, 3, 4, dtype=torch.float64)
+    out = npy(h.enhance(x))
+    w = npy(h.enhance.conv.weight)[0, 0]                              # (k,)
+    k = len(w)
+    for b in range(2):
+        v = npy(x[b]).mean(axis=(1, 2))                                # GAP
+        vp = np.pad(v, (k // 2, k // 2))
+        z = np.array([sum(w[j] * vp[i + j] for j in range(k)) for i in range(64)])
+        gate = 1 / (1 + np.exp(-z))
+        np.testing.assert_allclose(out[b], npy(x[b]) * gate[:, None, None], rtol=1e-9)
+
+
+def test_aspp_context_and_head_composition_against_direct_computations(randomize_bn):
+    """f^c = ASPP (a 1x1 branch, a 3x3 branch per atrous rate, an image-pooling branch; each conv-BN-ReLU to
+    c // 32 (>= 16) channels, the pooling branch conv + ReLU; concatenated; 1x1 conv-BN-ReLU back to c), added
+    to F; then the head is eq. (6): GeM(f^l(F_e + f^c(F_e))), F_e = f^e(F). float64, rel. 1e-6 (GeM in fp32)."""
+    c = 64
+    torch.manual_seed(6)
+    h = CiDeRHead(SimpleNamespace(channels={"res4": 8, "res5": c}), enhancement="eca", context="aspp")
+    randomize_bn(h)
+    h = h.double().eval()
+    aspp = h.context
+    width = max(16, c // 32)
+    assert [b[0].dilation for b in aspp.branches] == [(1, 1), (3, 3), (6, 6), (9, 9)]
+    x = torch.rand(2, c, 5, 6, dtype=torch.float64)
+    fe = h.enhance(x)                                                  # f^e: checked by the test above
+    out = h(None, lambda _: x)
+    for b in range(2):
+        f = npy(fe[b])
+        parts = [bn_relu_ref(conv_ref(f, npy(br[0].weight), dilation=br[0].dilation[0]), br[1])
+                 for br in aspp.branches]
+        pooled = np.maximum(npy(aspp.pool.weight)[:, :, 0, 0] @ f.mean(axis=(1, 2)) + npy(aspp.pool.bias), 0)
+        parts.append(np.broadcast_to(pooled[:, None, None], (width, 5, 6)))
+        cat = np.concatenate(parts)
+        proj = bn_relu_ref(conv_ref(cat, npy(aspp.project[0].weight)), aspp.project[1])
+        fc = f + proj                                                  # context_residual=True
+        fl, _, _ = h.localize(torch.from_numpy(fc)[None])              # f^l: eqs. (1)-(5), tested above
+        g = npy(fl[0]).reshape(c, -1).clip(1e-6) ** 3
+        desc = g.mean(axis=1) ** (1 / 3)                               # GeM, p = 3
+        np.testing.assert_allclose(npy(out.descriptor[b]), desc / np.linalg.norm(desc), rtol=1e-6)

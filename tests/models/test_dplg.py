@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
+from reference_ops import bn_relu_ref, conv_ref
 
 from glimr.models.heads.dplg import DPLGHead
 
@@ -39,25 +39,36 @@ def maps():
     return torch.rand(2, C4, H, W, dtype=torch.float64), torch.rand(2, C5, 2, 3, dtype=torch.float64)
 
 
-def test_receptive_field_block_concat_with_broadcast_gem(head, maps):
+def test_receptive_field_block_against_a_direct_computation(head, maps):
+    """RFB (Sec. 3.2, Fig. 1): each branch conv k x k -> conv 3 x 3 dilated r (each conv-BN-ReLU), the GeM
+    vector of X4 broadcast over the map, all concatenated, a 1 x 1 conv, BN, ReLU; computed from the weights
+    position by position (float64; GeM runs in fp32 in the module: rel. 1e-5)."""
     x4, _ = maps
     rfb = head.rfb
-    out = rfb(x4)
-    p = rfb.gem.p.item()
-    g = torch.from_numpy(np.stack([gem_ref(npy(x4[b]), p) for b in range(2)]))
-    cat = torch.cat([br(x4) for br in rfb.branches] + [g[:, :, None, None].expand(-1, -1, H, W)], dim=1)
-    expected = F.relu(rfb.bn(rfb.fuse(cat)))                          # concatenated, 1x1 conv (+BN, ReLU)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)   # GeM itself runs in fp32
-    assert out.shape == x4.shape
-    ks = [(br[0][0].kernel_size[0], br[1][0].dilation[0]) for br in rfb.branches]
-    assert ks == [(1, 1), (3, 3), (5, 5)]
+    out = npy(rfb(x4))
+    p = float(rfb.gem.p)
+    assert p == 3.0                                                    # DPLG Sec. 3: p = 3, fixed
+    wf = npy(rfb.fuse.weight)[:, :, 0, 0]
+    for b in range(2):
+        x = npy(x4[b])
+        parts = []
+        for branch, (k, r) in zip(rfb.branches, [(1, 1), (3, 3), (5, 5)], strict=True):
+            c1, c2 = branch[0], branch[1]
+            assert c1[0].kernel_size == (k, k) and c2[0].kernel_size == (3, 3) and c2[0].dilation == (r, r)
+            y = bn_relu_ref(conv_ref(x, npy(c1[0].weight)), c1[1])
+            parts.append(bn_relu_ref(conv_ref(y, npy(c2[0].weight), dilation=r), c2[1]))
+        g = gem_ref(x, p)
+        cat = np.concatenate(parts + [np.broadcast_to(g[:, None, None], x.shape)])
+        want = bn_relu_ref(np.einsum("oc,chw->ohw", wf, cat), rfb.bn)
+        np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-7)
+    assert out.shape == tuple(x4.shape)
 
 
 def test_eq1_to_eq3_dot_product_fusion(head, maps):
     x4, x5 = maps
     x4p = head.rfb(x4)
     out = head(x4, lambda _: x5)
-    p = head.pool.p.item()
+    p = float(head.pool.p)
     for b in range(2):
         vg = gem_ref(npy(x5[b]), p)                                       # eq. (1)
         vg2 = npy(head.reduce.weight)[:, :, 0, 0] @ vg + npy(head.reduce.bias)   # V_g' = conv1x1(V_g)

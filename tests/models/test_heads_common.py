@@ -127,3 +127,21 @@ def test_build_model_and_checkpoint_roundtrip(head_name, tmp_path):
     torch.testing.assert_close(d1, d2)
     assert net2.backbone.channels.get("res5_in", net2.backbone.channels["res4"]) == \
         net.backbone.channels.get("res5_in", net.backbone.channels["res4"])
+
+
+# The GeM exponent: fixed at p = 3 where the paper fixes it (DPLG Sec. 3, UGALR Sec. 4), learned where the paper
+# learns it (GLAM Sec. 3.4: "a learnable spatial pooling"; GeM's authors) or does not say (CiDeR, DOLG).
+FIXED_P = {"gem": False, "glam": False, "cider": False, "ugalr": True, "dplg": True, "dolg": False}
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_gem_exponent_fixed_where_the_paper_fixes_it(name):
+    bb = build_backbone("lite0", weights="none")
+    head = head_class(name)(bb)
+    p_params = [n for n, _ in head.named_parameters() if n == "p" or n.endswith(".p")]
+    assert (not p_params) == FIXED_P[name], p_params
+    pools = [m for m in head.modules() if type(m).__name__ == "GeM"]
+    assert pools and all(float(m.p) == 3.0 for m in pools)      # exact: the default value, untrained
+    if FIXED_P[name]:
+        learned = head_class(name)(build_backbone("lite0", weights="none"), learn_p=True)
+        assert any(n.endswith(".p") for n, _ in learned.named_parameters())

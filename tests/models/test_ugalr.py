@@ -112,14 +112,21 @@ def test_o_is_concatenated_into_res5_and_starts_neutral(lite0):
 
 
 def test_intermediate_supervision_embedding_in_training(lite0):
+    """The intermediate embedding of eq. (5)'s L_a: avgpool(D) -> whitening FC, with D from the direct LALM
+    computation above (float64, rel. 1e-9)."""
     bb = copy.deepcopy(lite0)
-    head = UGALRHead(bb, inter_dim=16).train()
-    x = torch.rand(2, bb.channels["res4"], 6, 8)
+    torch.manual_seed(4)
+    head = UGALRHead(bb, inter_dim=16).double().train()    # expands res5's input: make it float64 after
+    bb.double()
+    x = torch.rand(2, bb.channels["res4"], 3, 4, dtype=torch.float64)
     out = head(x, bb.res5)
-    d, _ = head.lalm(x)
-    emb = out.aux["inter_embedding"]                                   # avgpool(D) -> whitening FC
-    torch.testing.assert_close(emb, head.inter_whiten(d.mean(dim=(2, 3))))
+    emb = out.aux["inter_embedding"]
     assert emb.shape == (2, 16)
+    w, bias = npy(head.inter_whiten.weight), npy(head.inter_whiten.bias)
+    for b in range(2):
+        _, _, _, rd = lalm_ref(head.lalm, npy(x[b]))
+        pooled = rd.reshape(rd.shape[0], -1).mean(axis=1)             # global average pooling of D
+        np.testing.assert_allclose(npy(emb[b]), w @ pooled + bias, rtol=1e-9, atol=1e-12)
     # with res5's new weights at zero, LALM learns from the intermediate loss only
     emb.pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in head.lalm.parameters())

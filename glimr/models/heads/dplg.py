@@ -93,11 +93,12 @@ class DotProductFusion(nn.Module):
 
 class DPLGHead(nn.Module):
     """DPLG. kwargs (defaults): dim=512, rfb_width=None (max(32, D4 // 16)),
-    rfb_branches=((1, 1), (3, 3), (5, 5)), p=3.0, learn_p=True."""
+    rfb_branches=((1, 1), (3, 3), (5, 5)), p=3.0, learn_p=False (Sec. 3: "The power coefficient is set as
+    p = 3"; learn_p=True learns it, as GeM's authors do)."""
 
     def __init__(self, backbone: Backbone, dim: int = 512, rfb_width: int | None = None,
                  rfb_branches: Sequence[Sequence[int]] = ((1, 1), (3, 3), (5, 5)), p: float = 3.0,
-                 learn_p: bool = True):
+                 learn_p: bool = False):
         super().__init__()
         c4, c5 = backbone.channels["res4"], backbone.channels["res5"]
         self.rfb = ReceptiveFieldBlock(c4, rfb_width or max(32, c4 // 16), rfb_branches, p, learn_p)

@@ -86,11 +86,12 @@ class LALM(nn.Module):
 
 class UGALRHead(nn.Module):
     """UGALR. kwargs (defaults): dim=512, inter_dim=512, reduce_dim=None (C4 // 2), nl_dim=None
-    (reduce_dim // 2), p=3.0, learn_p=True. Expands the backbone's res5 input by one channel (once)."""
+    (reduce_dim // 2), p=3.0, learn_p=False (Sec. 4: "parameter p of GeM pooling is set as 3"). Expands the
+    backbone's res5 input by one channel (once)."""
 
     def __init__(self, backbone: Backbone, dim: int = 512, inter_dim: int = 512,
                  reduce_dim: int | None = None, nl_dim: int | None = None, p: float = 3.0,
-                 learn_p: bool = True):
+                 learn_p: bool = False):
         super().__init__()
         c4, c5 = backbone.channels["res4"], backbone.channels["res5"]
         if backbone.channels.get("res5_in", c4) == c4:
