@@ -161,9 +161,10 @@ def cmd_index_build(args) -> int:
     if args.coattention:
         from glimr.extract.local import LocalConfig
 
-        ca = LocalConfig(n_select=args.ca_n, clusters=args.ca_clusters, dim=args.ca_dim, dtype=args.ca_dtype,
-                         codebook_size=args.ca_codebook, max_words=args.ca_max_words,
-                         proxy_dim=min(64, args.ca_dim), pca_whiten=args.ca_pca_whiten)
+        given = {"n_select": args.ca_n, "clusters": args.ca_clusters, "dim": args.ca_dim, "dtype": args.ca_dtype,
+                 "codebook_size": args.ca_codebook, "max_words": args.ca_max_words}
+        ca = LocalConfig.named(args.ca_config, **{k: v for k, v in given.items() if v is not None})
+        ca = LocalConfig(**{**ca.to_json(), "proxy_dim": min(64, ca.dim), "pca_whiten": args.ca_pca_whiten})
     settings = extract_settings_from_args(args)  # validated before the model is even built
     if not Path(args.images_dir).is_dir():
         _list_or_error(Path(args.images_dir))  # FileNotFoundError / NotADirectoryError naming it
@@ -370,18 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--coattention", action="store_true",
                     help="also store per image the co-attention features (same forward pass, the index's --scales; "
                          "the paper uses 0.3536,0.5,0.7071,1,1.4142). Only when the index is created")
-    ca.add_argument("--ca-n", type=int_in(1, 100000), default=500, help="N: local features selected by L2 norm")
-    ca.add_argument("--ca-clusters", type=int_in(1, 1024), default=10, help="K: clusters per image")
-    ca.add_argument("--ca-dim", type=int_in(1, 4096), default=256, help="D': PCA dimension (paper 512)")
-    ca.add_argument("--ca-dtype", default="int8", choices=["float32", "float16", "int8"],
-                    help="stored cluster features (paper float32: 20 KB/image at K=10, D'=512)")
-    ca.add_argument("--ca-codebook", type=int_in(1, 1048576), default=4096, help="visual words of the inverted file (paper 65536)")
-    ca.add_argument("--ca-max-words", type=int_in(0, 65536), default=128, help="words kept per image; 0 = no inverted file")
+    ca.add_argument("--ca-config", default="compact", choices=["compact", "paper"],
+                    help="compact: D'=256 int8, 4,096 words, 128 kept per image (< 4 KB/image); paper: the paper's "
+                         "D'=512 float32, 65,536 words, all N=500 features assigned (about 22 KB/image). The "
+                         "--ca-* values below override single settings")
+    ca.add_argument("--ca-n", type=int_in(1, 100000), default=None, help="N: local features selected by L2 norm (500)")
+    ca.add_argument("--ca-clusters", type=int_in(1, 1024), default=None, help="K: clusters per image (10)")
+    ca.add_argument("--ca-dim", type=int_in(1, 4096), default=None, help="D': PCA dimension (compact 256, paper 512)")
+    ca.add_argument("--ca-dtype", default=None, choices=["float32", "float16", "int8"],
+                    help="stored cluster features (compact int8; paper float32: 20 KB/image at K=10, D'=512)")
+    ca.add_argument("--ca-codebook", type=int_in(1, 1048576), default=None,
+                    help="visual words of the inverted file (compact 4096, paper 65536)")
+    ca.add_argument("--ca-max-words", type=int_in(0, 65536), default=None,
+                    help="words kept per image (compact 128, paper 500); 0 = no inverted file")
     ca.add_argument("--ca-pca-whiten", action="store_true",
                     help="PCA-whiten the co-attention features (not in the paper; for models without a whitening "
                          "layer, e.g. the ImageNet backbones)")
     ca.add_argument("--ca-samples", default=None,
-                    help="folder of sample images to learn the PCA and codebook from (default: the indexed folder)")
+                    help="folder of images, separate from IMAGES_DIR, to learn the PCA and codebook from (as the "
+                         "paper does, on training images); default: $GLIMR_FIT_IMAGES, else ../shared/data/photos "
+                         "when it exists. 'database' learns them on IMAGES_DIR itself (transductive)")
     ca.add_argument("--ca-sample-count", type=int_in(1, 1000000), default=1000, help="sample images used at most")
     ca.add_argument("--diffusion", action="store_true", help="build (or refresh) the database k-NN graph")
     ca.add_argument("--diffusion-k", type=int_in(1, 1000), default=None, help="graph neighbours (default 50)")

@@ -111,10 +111,14 @@ def rerank_diffusion(q_desc, db_desc, ranks, **params):
 
 
 def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params):
-    """Co-attention (Hu & Bors 2023) from the images: ``coattention:dataset=FOLDER_OR_NAME[,root=..,scales=paper,
-    dim=512,dtype=float32,clusters=10,n=500,temperature=10,qe=0,alpha=3,words=0,samples=FOLDER,cache=FOLDER,
-    model=gem-lite0,checkpoint=..,max_size=512,pca_whiten=false]``. It needs the evaluation set's images, hence ``dataset``
-    (the same as ``glimr eval``'s DATASET); qe > 0 gives co-attention + alpha-QE."""
+    """Co-attention (Hu & Bors 2023) from the images: ``coattention:dataset=FOLDER_OR_NAME[,root=..,
+    config=default|paper|compact,fit=FOLDER|database,scales=paper,dim=512,dtype=float32,clusters=10,n=500,
+    temperature=10,qe=0,alpha=3,words=0,cache=FOLDER,model=gem-lite0,checkpoint=..,max_size=512,
+    pca_whiten=false]``. It needs the evaluation set's images, hence ``dataset`` (the same as ``glimr eval``'s
+    DATASET); qe > 0 gives co-attention + alpha-QE. ``fit``: where the PCA and codebook are learned (default:
+    $GLIMR_FIT_IMAGES or ../shared/data/photos, never the evaluated images unless ``fit=database``); the
+    report's notes say which. ``config=paper``: 65,536 words, all N = 500 features assigned, D' = 512 float32,
+    inverted file on; ``config=compact``: D' = 256 int8, 4,096 words, 128 per image."""
     from glimr.rerank.coattention import rerank_images  # noqa: PLC0415
 
     if dataset is None:
@@ -129,6 +133,9 @@ def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params
         params["max_size"] = ev.default_max_size
     return rerank_images(q_desc, db_desc, ranks, query_paths=ev.query_paths, db_paths=ev.db_paths,
                          query_boxes=ev.query_boxes, **params)
+
+
+rerank_coattention.takes_notes = True
 
 
 def rerank_sv(q_desc, db_desc, ranks, **params):
@@ -202,10 +209,14 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
 
 
 def apply_rerank(spec: str, q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray, *,
-                 evalset: EvalSet | None = None, cache_dir=None, progress: bool = False) -> np.ndarray:
-    """Run the re-ranker ``spec``; one that ``needs_images`` gets the images of ``evalset`` (module doc)."""
+                 evalset: EvalSet | None = None, cache_dir=None, progress: bool = False,
+                 notes: list[str] | None = None) -> np.ndarray:
+    """Run the re-ranker ``spec``; one that ``needs_images`` gets the images of ``evalset`` (module doc); one
+    that ``takes_notes`` appends what the report should say (e.g. what it was fitted on) to ``notes``."""
     name, params = parse_rerank(spec)
     fn = available_rerankers()[name]
+    if getattr(fn, "takes_notes", False) and notes is not None:
+        params["notes"] = notes
     if getattr(fn, "needs_images", False):
         if evalset is None:
             raise EvalError(f"re-ranker {name!r} needs the evaluation set's images: pass evalset")
@@ -486,8 +497,11 @@ def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none",
                         f"{evalset.query_paths[i]}: {msg}. Every query must be evaluated; fix or restore "
                         "the file")
     ranks = rank_by_inner_product(desc.q, desc.db, invalid_db=sorted(desc.db_errors))
-    ranks = apply_rerank(rerank, desc.q, desc.db, ranks, evalset=evalset, cache_dir=cache_dir, progress=progress)
+    rerank_notes: list[str] = []
+    ranks = apply_rerank(rerank, desc.q, desc.db, ranks, evalset=evalset, cache_dir=cache_dir, progress=progress,
+                         notes=rerank_notes)
     metrics, notes = evalset.score(ranks)
+    notes += rerank_notes
     if desc.db_errors:
         notes.append(f"{len(desc.db_errors)} database image(s) could not be read and are ranked last "
                      f"(e.g. {evalset.db_paths[min(desc.db_errors)]})")

@@ -35,6 +35,9 @@ from glimr.io.atomic import atomic_write_bytes, atomic_write_npy
 
 __all__ = [
     "PAPER_SCALES",
+    "DEFAULT_FIT_DIR",
+    "FIT_IMAGES_ENV",
+    "resolve_fit_images",
     "LocalConfig",
     "ImageLocal",
     "LocalAccumulator",
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 #: the paper's 5 scales {1/(2 sqrt 2), 1/2, 1/sqrt 2, 1, sqrt 2} (sec. 6.1), relative to the longest side.
-PAPER_SCALES: tuple[float, ...] = (0.3536, 0.5, 0.7071, 1.0, 1.4142)
+PAPER_SCALES: tuple[float, ...] = (1 / (2 * math.sqrt(2)), 0.5, 1 / math.sqrt(2), 1.0, math.sqrt(2))  # = "paper5"
 #: storage types of the cluster features (float32: the paper's 20 KB per image at K=10, D'=512)
 DTYPES = ("float32", "float16", "int8")
 
@@ -88,6 +91,25 @@ class LocalConfig:
     def compact(cls, **kw) -> LocalConfig:
         """The storage-bounded preset (< 4 KB per image with its inverted file): D'=256, int8 (and the rest)."""
         return cls(**{"dim": 256, "dtype": "int8", **kw})
+
+    @classmethod
+    def paper(cls, **kw) -> LocalConfig:
+        """The paper's configuration (sec. 5-6.1): N = 500, K = 10, D' = 512 float32, and the inverted file with
+        K_cdb = 65,536 words, D_cdb = 128, every one of the N selected features assigned to a word (so up to
+        500 distinct words stored per image)."""
+        return cls(**{"n_select": 500, "clusters": 10, "dim": 512, "dtype": "float32", "codebook_size": 65536,
+                      "codebook_dim": 128, "ivf_features": 500, "max_words": 500, **kw})
+
+    @classmethod
+    def named(cls, name: str, **kw) -> LocalConfig:
+        """``"paper"`` (:meth:`paper`), ``"compact"`` (:meth:`compact`: D' = 256 int8, K_cdb = 4096, 128 words
+        per image) or ``"default"`` (the class defaults); ``kw`` overrides single values."""
+        presets = {"paper": cls.paper, "compact": cls.compact, "default": cls}
+        if name not in presets:
+            raise ValueError(f"co-attention configuration {name!r}: use one of {', '.join(presets)}")
+        if "dim" in kw and "proxy_dim" not in kw:
+            kw["proxy_dim"] = min(cls.proxy_dim, int(kw["dim"]))
+        return presets[name](**kw)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -625,6 +647,55 @@ def fit_params(samples: Sequence[ImageLocal], cfg: LocalConfig, *, meta: dict | 
         feats = [f[np.unique(np.linspace(0, len(f) - 1, min(per, len(f))).astype(np.int64))] for f in have]
         cb = Codebook.fit(np.concatenate(feats), cfg.codebook_size, cfg.codebook_dim)
     return CoAttentionParams(cfg, pca, scale, cb, dict(meta or {}, n_samples=len(samples), pca_from=pca_from))
+
+
+#: where co-attention's PCA and codebook are learned when nothing is given: this environment variable, else
+#: DEFAULT_FIT_DIR (relative to the working folder: the project's training photos, next to a checkout)
+FIT_IMAGES_ENV = "GLIMR_FIT_IMAGES"
+DEFAULT_FIT_DIR = Path("..") / "shared" / "data" / "photos"
+
+
+def resolve_fit_images(fit, database: Sequence) -> tuple[list, str]:
+    """The images co-attention learns its PCA and codebook from, and a line that says which they are.
+
+    The paper learns them on training images (PCA on 50k, codebook on 60k, sec. 6.1), never on the database it
+    ranks: fitting on the evaluated images is a transductive advantage. ``fit``: a folder (or a list of image
+    paths); ``"database"`` (the ranked images themselves: transductive, said so); None = the folder named by
+    $GLIMR_FIT_IMAGES, else ``../shared/data/photos`` when it exists, else an error that says what to pass."""
+    from glimr.io.images import list_images  # noqa: PLC0415
+
+    if fit is None:
+        env = os.environ.get(FIT_IMAGES_ENV)
+        if env:
+            fit = env
+        elif DEFAULT_FIT_DIR.is_dir():
+            fit = DEFAULT_FIT_DIR
+        else:
+            raise ValueError(
+                "co-attention learns its PCA and codebook from a separate collection of images, never from the "
+                "images it ranks: pass a folder of photos unrelated to the searched ones (--ca-samples DIR for an "
+                f"index, fit=DIR for the eval re-ranker) or set {FIT_IMAGES_ENV}=DIR; 'database' fits on the "
+                "database itself (transductive: it inflates results)")
+    if isinstance(fit, str) and fit == "database":
+        items = list(database)
+        return items, f"the database itself ({len(items)} images; transductive: fitted on the ranked images)"
+    if isinstance(fit, (str, os.PathLike)):
+        d = Path(fit)
+        if not d.is_dir():
+            raise ValueError(f"co-attention fit images: '{d}' is not a folder; give a folder of photos "
+                             "unrelated to the searched ones, or 'database'")
+        items = list_images(d)
+        if not items:
+            raise ValueError(f"co-attention fit images: no images under '{d}'")
+        label = f"{d} ({len(items)} images)"
+    else:
+        items = list(fit)
+        label = f"{len(items)} given images"
+    db = {os.path.realpath(p) for p in database if isinstance(p, (str, os.PathLike))}
+    shared = sum(os.path.realpath(p) in db for p in items if isinstance(p, (str, os.PathLike)))
+    if shared:
+        label += f"; {shared} of them are also in the database (partly transductive)"
+    return items, label
 
 
 def sample_items(items: Sequence, n: int) -> list:

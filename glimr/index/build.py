@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from glimr.extract.local import CoAttentionParams, LocalConfig, extract_local, fit_params, sample_items
+from glimr.extract.local import (
+    CoAttentionParams,
+    LocalConfig,
+    extract_local,
+    fit_params,
+    resolve_fit_images,
+    sample_items,
+)
 from glimr.extract.multiscale import ExtractSettings, extract
 from glimr.index.settings import IndexConfig, IndexSettings
 from glimr.index.store import IndexStore, IndexStoreError, Row, db_path, share_files
@@ -69,8 +76,11 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
     make_settings' keywords (model_name, checkpoint, scales, max_size, factory, chunk_size, batch_size,
     workers, precision, max_pixels, coattention). With co-attention settings every image also gets its
     co-attention record from the same forward pass (glimr.extract.local); the PCA/codebook parameters are
-    learned once, when the index is created, from ``ca_samples`` (image paths or a folder; default: up to
-    ``ca_sample_count`` images of ``images_dir``) at ``ca_sample_scales``, and kept in INDEX/coattention/.
+    learned once, when the index is created, from up to ``ca_sample_count`` images of ``ca_samples`` (image
+    paths or a folder separate from ``images_dir``, as the paper learns them on training images; None =
+    $GLIMR_FIT_IMAGES or ../shared/data/photos; "database" = ``images_dir`` itself, transductive; see
+    glimr.extract.local.resolve_fit_images) at ``ca_sample_scales``, and kept in INDEX/coattention/ (its
+    params.json's meta says what they were fitted on).
 
     prune: allow a build that removes more than half of the index's images (or all of them).
     compact_fraction: compact vectors.f32 when more than this share of its rows is dead."""
@@ -207,18 +217,17 @@ def _coattention_params(store: IndexStore, model, files, samples, count: int, sa
         if params.cfg != cfg:
             raise ValueError(f"'{d}' holds parameters for {params.cfg}, not {cfg}; rebuild the index")
         return params
-    if samples is None:
-        items = sample_items(files, count)
-    elif isinstance(samples, (str, Path)):
-        items = sample_items(list_images(Path(samples)), count)
-    else:
-        items = sample_items(list(samples), count)
+    fit_items, fit_label = resolve_fit_images(samples, files)
+    items = sample_items(fit_items, count)
     if not items:
         raise ValueError("co-attention needs sample images to learn its PCA and codebook: none found")
+    if progress:
+        print(f"co-attention PCA and codebook fitted on {fit_label}, {len(items)} sampled", file=sys.stderr)
     _, locs = extract_local(model, items, cfg=cfg, settings=settings, progress=progress,
                               desc="co-attention samples")
     params = fit_params([locs[i] for i in sorted(locs)], cfg,
-                        meta={"sample_scales": list(sample_scales), "max_size": settings.max_size})
+                        meta={"sample_scales": list(sample_scales), "max_size": settings.max_size,
+                              "fitted_on": fit_label})
     params.save(d)
     return params
 

@@ -21,6 +21,7 @@ weights, stored in ``proxy_dim`` dimensions) are scored exactly; the others get 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,19 +383,26 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
 
 
 def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=None, model="gem-lite0",
-                  checkpoint=None, scales="paper", max_size: int = 512, samples=None, n_samples: int = 1000,
-                  cache=None, clusters: int = 10, n: int = 500, dim: int = 512, dtype: str = "float32",
-                  codebook: int = 4096, words: int = 0, temperature: float = 10.0, qe: int = 0,
+                  checkpoint=None, scales="paper", max_size: int = 512, fit=None, samples=None,
+                  n_samples: int = 1000, cache=None, config: str = "default", clusters: int | None = None,
+                  n: int | None = None, dim: int | None = None, dtype: str | None = None,
+                  codebook: int | None = None, words: int | None = None, temperature: float = 10.0, qe: int = 0,
                   alpha: float = 3.0, ivf: bool | None = None, shortlist: int | None = None,
                   fallback: str = "zero", pool: str = "unit", workers: int | None = None, progress: bool = True,
-                  pca_whiten: bool = False, net=None, precision: str = "auto") -> np.ndarray:
+                  pca_whiten: bool = False, net=None, precision: str = "auto",
+                  notes: list | None = None) -> np.ndarray:
     """Co-attention re-ranking of an evaluation set from its images (the eval re-ranker ``coattention``).
 
     The images' co-attention features are extracted at ``scales`` ("paper" = 1/(2 sqrt 2) .. sqrt 2, or
-    1/3/5, or "0.5;1;2") and cached in ``cache``; the PCA (and, with ``words`` > 0, the codebook of the
-    inverted file) are learned from ``samples`` (a folder; default: the database images) at one scale.
+    a scale set name, or "0.5;1;2") and cached in ``cache``. ``config``: "default" (D' = 512 float32, no
+    inverted file: ``words`` = 0), "paper" (:meth:`LocalConfig.paper`: 65,536 words, all N = 500 features
+    assigned, D' = 512 float32, inverted file on) or "compact" (:meth:`LocalConfig.compact`); ``n``,
+    ``clusters``, ``dim``, ``dtype``, ``codebook``, ``words`` override single values. The PCA (and the
+    codebook) are learned at one scale from at most ``n_samples`` images of ``fit`` (``samples`` is its old
+    name): a folder separate from the evaluated images (default: $GLIMR_FIT_IMAGES or ../shared/data/photos),
+    or "database" (transductive); which one is appended to ``notes`` (and printed with ``progress``).
     Returns the [Ndb, Nq] ranking; the global ``ranks`` order the images the inverted file leaves out."""
-    from glimr.extract.local import PAPER_SCALES, LocalConfig, fit_params, sample_items  # noqa: PLC0415
+    from glimr.extract.local import PAPER_SCALES, LocalConfig, fit_params, resolve_fit_images, sample_items  # noqa: PLC0415
     from glimr.extract.multiscale import parse_scales  # noqa: PLC0415
 
     if net is None:
@@ -402,17 +410,22 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
 
         net = build_model(model, checkpoint=str(checkpoint) if checkpoint else None)
     sc = PAPER_SCALES if str(scales) == "paper" else parse_scales(str(scales).replace(";", ","))
-    cfg = LocalConfig(n_select=int(n), clusters=int(clusters), dim=int(dim), dtype=dtype,
-                      codebook_size=int(codebook), max_words=int(words), proxy_dim=min(64, int(dim)),
-                      pca_whiten=bool(pca_whiten))
+    over = {k: v for k, v in {"n_select": n, "clusters": clusters, "dim": dim, "dtype": dtype,
+                               "codebook_size": codebook, "max_words": words}.items() if v is not None}
+    over = {k: (str(v) if k == "dtype" else int(v)) for k, v in over.items()}
+    if config == "default" and "max_words" not in over:
+        over["max_words"] = 0                                     # the eval default: no inverted file
+    base = LocalConfig.named(str(config), **over)
+    cfg = LocalConfig(**{**base.to_json(), "proxy_dim": min(64, base.dim), "pca_whiten": bool(pca_whiten)})
     ident = {"model": getattr(net, "name", model), "checkpoint": str(checkpoint) if checkpoint else None,
              "config": getattr(net, "config", None)}
-    if samples is None:
-        s_items = sample_items(list(db_paths), n_samples)
-    else:
-        from glimr.io.images import list_images  # noqa: PLC0415
-
-        s_items = sample_items(list_images(samples), n_samples)
+    fit_items, fit_label = resolve_fit_images(fit if fit is not None else samples, list(db_paths))
+    s_items = sample_items(fit_items, n_samples)
+    line = f"co-attention ({config} configuration) PCA and codebook fitted on {fit_label}, {len(s_items)} sampled"
+    if notes is not None:
+        notes.append(line)
+    if progress:
+        print(line, file=sys.stderr)
     kw = dict(workers=workers, ident=ident, progress=progress, precision=precision)
     s_locs, _ = cached_locals(cache, "ca-samples", net, s_items, None, cfg, (1.0,), max_size, **kw)
     params = fit_params([x for x in s_locs if x is not None], cfg)
@@ -427,7 +440,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
     index = CoAttentionIndex.from_records(recs, codec, params.codebook.size if params.codebook else None, live)
     qv = np.stack([params.query_vector(x) for x in q_locs])
     qw = [params.query_words(x) for x in q_locs] if params.codebook is not None else None
-    use_ivf = bool(words) if ivf is None else bool(ivf)
+    use_ivf = bool(cfg.max_words) if ivf is None else bool(ivf)
     out = rerank_coattention(qv, index, qw, np.asarray(ranks), qe=int(qe), alpha=float(alpha),
                              temperature=float(temperature), ivf=use_ivf, shortlist=shortlist, fallback=fallback,
                              pool=pool)

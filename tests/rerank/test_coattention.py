@@ -145,7 +145,7 @@ def test_index_with_coattention_records(shared_data, lite0_gem, tmp_path):
     cfg = LocalConfig(n_select=60, clusters=1, dim=8, proxy_dim=8, codebook_size=16, codebook_dim=8, max_words=8,
                       dtype="float32")
     kw = dict(model_name="gem-lite0", max_size=128, workers=0, chunk_size=3, progress=False, coattention=cfg,
-              precision="fp32")
+              precision="fp32", ca_samples="database")
     build_index(imgs, tmp_path / "idx", lite0_gem, **kw)
     with IndexStore.open(tmp_path / "idx") as st:
         recs = st.coattention_records()

@@ -71,7 +71,7 @@ def test_cli_query_with_an_index_uses_its_pca(shared_data, lite0_gem, tmp_path, 
     cfg = LocalConfig(n_select=40, clusters=3, dim=8, proxy_dim=8, codebook_size=16, codebook_dim=8, max_words=8,
                       dtype="float32")
     build_index(imgs, tmp_path / "idx", lite0_gem, model_name="gem-lite0", max_size=128, workers=0, progress=False,
-                coattention=cfg, precision="fp32")
+                coattention=cfg, precision="fp32", ca_samples="database")
     out = tmp_path / "ca.png"
     assert main(["explain", "--query", str(imgs / "ukbench00004.jpg"), str(imgs / "ukbench00005.jpg"),
                  "--index", str(tmp_path / "idx"), "--out", str(out)]) == 0

@@ -1,0 +1,78 @@
+"""Where co-attention learns its PCA and codebook: a collection separate from the ranked images by default (the
+paper: training images), the database only when asked (transductive), and the report says which; the paper's
+and the compact configurations."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from glimr.eval.evaluate import evaluate
+from glimr.extract.local import DEFAULT_FIT_DIR, FIT_IMAGES_ENV, LocalConfig, resolve_fit_images
+
+
+def _copy(src_dir, names, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(src_dir / n, dst / n)
+    return [dst / n for n in names]
+
+
+def test_fit_images_default_env_database_and_errors(shared_data, tmp_path, monkeypatch):
+    photos = sorted(p.name for p in (shared_data / "photos").iterdir())[:5]
+    fit_dir = tmp_path / "fit"
+    _copy(shared_data / "photos", photos, fit_dir)
+    db = _copy(shared_data / "ukbench", ["ukbench00000.jpg", "ukbench00001.jpg"], tmp_path / "db")
+    items, label = resolve_fit_images(fit_dir, db)
+    assert len(items) == 5 and str(fit_dir) in label and "transductive" not in label
+    items, label = resolve_fit_images("database", db)
+    assert items == db and "transductive" in label
+    items, label = resolve_fit_images(tmp_path / "db", db)            # the database's own folder, given
+    assert "2 of them are also in the database" in label
+    monkeypatch.setenv(FIT_IMAGES_ENV, str(fit_dir))
+    assert len(resolve_fit_images(None, db)[0]) == 5
+    monkeypatch.delenv(FIT_IMAGES_ENV)
+    monkeypatch.chdir(tmp_path)                                        # no ../shared/data/photos from here
+    assert not DEFAULT_FIT_DIR.is_dir()
+    with pytest.raises(ValueError, match="separate collection"):
+        resolve_fit_images(None, db)
+    with pytest.raises(ValueError, match="not a folder"):
+        resolve_fit_images(tmp_path / "nope", db)
+
+
+def test_named_configurations():
+    paper = LocalConfig.named("paper")
+    assert (paper.n_select, paper.clusters, paper.dim, paper.dtype) == (500, 10, 512, "float32")
+    assert (paper.codebook_size, paper.ivf_features, paper.max_words) == (65536, 500, 500)
+    assert paper.codec().word_dtype is np.uint32                        # 65,536 words do not fit uint16's pad
+    compact = LocalConfig.named("compact")
+    assert (compact.dim, compact.dtype, compact.codebook_size, compact.max_words) == (256, "int8", 4096, 128)
+    assert compact.codec().nbytes < 4096 < paper.codec().nbytes
+    assert LocalConfig.named("paper", dim=64).dim == 64
+    with pytest.raises(ValueError, match="paper"):
+        LocalConfig.named("huge")
+
+
+def test_eval_reranker_fits_on_the_separate_collection_and_says_so(shared_data, lite0_gem, tmp_path):
+    """A tiny gnd.json set (3 UKBench objects, 1 query + 3 views each): co-attention fitted on 12 photos of
+    photos/ (not the evaluated images), and on the database when asked; the report's notes say which."""
+    root = tmp_path / "set"
+    names = [f"ukbench{i:05d}.jpg" for i in range(12)]
+    _copy(shared_data / "ukbench", [names[i] for i in (0, 4, 8)], root / "query")
+    db_names = [n for i, n in enumerate(names) if i % 4]
+    _copy(shared_data / "ukbench", db_names, root / "db")
+    (root / "gnd.json").write_text(json.dumps({"query": [names[i] for i in (0, 4, 8)], "db": db_names,
+                                               "positives": [[0, 1, 2], [3, 4, 5], [6, 7, 8]]}))
+    fit_dir = tmp_path / "fit"
+    _copy(shared_data / "photos", sorted(p.name for p in (shared_data / "photos").iterdir())[:12], fit_dir)
+    common = "n=40,clusters=2,dim=8,scales=1,max_size=128,words=0,model=gem-lite0,precision=fp32"
+    rep = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",
+                   rerank=f"coattention:dataset={root},fit={fit_dir},{common}")
+    note = [n for n in rep.notes if "co-attention" in n]
+    assert len(note) == 1 and str(fit_dir) in note[0] and "12 images" in note[0] and "transductive" not in note[0]
+    assert rep.metrics["mAP"] > 50                                     # 3 objects: the views are found
+    rep_db = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",
+                      rerank=f"coattention:dataset={root},fit=database,{common}")
+    assert any("transductive" in n for n in rep_db.notes)
