@@ -441,7 +441,9 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
                                            query_scales=qsc, precision=config.precision)
                 for rr in config.rerank:
                     t0 = time.perf_counter()
-                    metrics, notes, ranks = score_descriptors(es, desc, rr, cache_dir=config.cache, progress=progress)
+                    metrics, notes, ranks = score_descriptors(es, desc, rr, cache_dir=config.cache, progress=progress,
+                                                              net=net, max_size=max_size,
+                                                              precision=config.precision)
                     n_done += 1
                     run = {
                         "method": {"model": model_name, "checkpoint": mspec.checkpoint, "label": mlabel,

@@ -110,17 +110,24 @@ def rerank_diffusion(q_desc, db_desc, ranks, **params):
     return fn(q_desc, db_desc, ranks, **params)
 
 
-def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params):
+def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, query_paths=None, db_paths=None,
+                       query_boxes=None, **params):
     """Co-attention (Hu & Bors 2023) from the images: ``coattention:dataset=FOLDER_OR_NAME[,root=..,
     config=default|paper|compact,fit=FOLDER|database,scales=paper,dim=512,dtype=float32,clusters=10,n=500,
     temperature=10,qe=0,alpha=3,words=0,cache=FOLDER,model=gem-lite0,checkpoint=..,max_size=512,
-    pca_whiten=false]``. It needs the evaluation set's images, hence ``dataset`` (the same as ``glimr eval``'s
-    DATASET); qe > 0 gives co-attention + alpha-QE. ``fit``: where the PCA and codebook are learned (default:
+    pca_whiten=false]``. It needs the evaluation set's images: ``glimr eval`` and ``glimr bench`` hand them over
+    with the evaluated network and image size; a direct call names ``dataset`` (the same as ``glimr eval``'s
+    DATASET). qe > 0 gives co-attention + alpha-QE. ``fit``: where the PCA and codebook are learned (default:
     $GLIMR_FIT_IMAGES or ../shared/data/photos, never the evaluated images unless ``fit=database``); the
     report's notes say which. ``config=paper``: 65,536 words, all N = 500 features assigned, D' = 512 float32,
     inverted file on; ``config=compact``: D' = 256 int8, 4,096 words, 128 per image."""
     from glimr.rerank.coattention import rerank_images  # noqa: PLC0415
 
+    if dataset is None and query_paths is not None and db_paths is not None:
+        if len(query_paths) != len(q_desc) or len(db_paths) != len(db_desc):
+            raise ValueError("coattention: the images do not match the descriptors")
+        return rerank_images(q_desc, db_desc, ranks, query_paths=query_paths, db_paths=db_paths,
+                             query_boxes=query_boxes, **params)
     if dataset is None:
         raise ValueError("the coattention re-ranker needs the evaluation set's images: pass "
                          "--rerank coattention:dataset=DATASET (the same DATASET as glimr eval's, and root=ROOT "
@@ -136,6 +143,8 @@ def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, **params
 
 
 rerank_coattention.takes_notes = True
+rerank_coattention.needs_images = True
+rerank_coattention.uses_model = True
 
 
 def rerank_sv(q_desc, db_desc, ranks, **params):
@@ -210,13 +219,22 @@ def parse_rerank(spec: str) -> tuple[str, dict]:
 
 def apply_rerank(spec: str, q_desc: np.ndarray, db_desc: np.ndarray, ranks: np.ndarray, *,
                  evalset: EvalSet | None = None, cache_dir=None, progress: bool = False,
-                 notes: list[str] | None = None) -> np.ndarray:
+                 notes: list[str] | None = None, net=None, max_size: int | None = None,
+                 precision: str | None = None) -> np.ndarray:
     """Run the re-ranker ``spec``; one that ``needs_images`` gets the images of ``evalset`` (module doc); one
-    that ``takes_notes`` appends what the report should say (e.g. what it was fitted on) to ``notes``."""
+    that ``takes_notes`` appends what the report should say (e.g. what it was fitted on) to ``notes``; one that
+    ``uses_model`` gets the evaluated model ``net``, ``max_size`` and ``precision`` unless the spec names its
+    own (co-attention: the same network and image size as the global ranking)."""
     name, params = parse_rerank(spec)
     fn = available_rerankers()[name]
     if getattr(fn, "takes_notes", False) and notes is not None:
         params["notes"] = notes
+    if getattr(fn, "uses_model", False):
+        if net is not None and "model" not in params and "checkpoint" not in params:
+            params["net"] = net
+        for key, value in (("max_size", max_size), ("precision", precision)):
+            if value is not None:
+                params.setdefault(key, value)
     if getattr(fn, "needs_images", False):
         if evalset is None:
             raise EvalError(f"re-ranker {name!r} needs the evaluation set's images: pass evalset")
@@ -488,9 +506,10 @@ def extract_descriptors(net, evalset: EvalSet, *, scales: Sequence[float], max_s
 
 
 def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none", *, cache_dir=None,
-                      progress: bool = False) -> tuple[dict, list[str], np.ndarray]:
+                      progress: bool = False, net=None, max_size: int | None = None,
+                      precision: str | None = None) -> tuple[dict, list[str], np.ndarray]:
     """Rank, re-rank and score: returns (metrics, notes, ranks). ``cache_dir``/``progress`` reach a re-ranker
-    that needs the images."""
+    that needs the images; ``net``/``max_size``/``precision`` (the evaluated ones) one that uses the model."""
     if desc.q_errors:
         i, msg = next(iter(sorted(desc.q_errors.items())))
         raise EvalError(f"{len(desc.q_errors)} query image(s) of {evalset.name} could not be read, e.g. "
@@ -499,7 +518,7 @@ def score_descriptors(evalset: EvalSet, desc: Descriptors, rerank: str = "none",
     ranks = rank_by_inner_product(desc.q, desc.db, invalid_db=sorted(desc.db_errors))
     rerank_notes: list[str] = []
     ranks = apply_rerank(rerank, desc.q, desc.db, ranks, evalset=evalset, cache_dir=cache_dir, progress=progress,
-                         notes=rerank_notes)
+                         notes=rerank_notes, net=net, max_size=max_size, precision=precision)
     metrics, notes = evalset.score(ranks)
     notes += rerank_notes
     if desc.db_errors:
@@ -615,7 +634,8 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
                                model_id=model_identity(net, model_name, checkpoint), query_scales=qsc,
                                precision=precision)
     t0 = time.perf_counter()
-    metrics, notes, ranks = score_descriptors(evalset, desc, rerank, cache_dir=cache_dir, progress=progress)
+    metrics, notes, ranks = score_descriptors(evalset, desc, rerank, cache_dir=cache_dir, progress=progress,
+                                              net=net, max_size=max_size, precision=precision)
     meta = {"dataset": evalset.name, "title": evalset.title, "protocol": evalset.kind, "model": model_name,
             "checkpoint": str(checkpoint) if checkpoint else None, "scales": list(sc), "query_scales": list(qsc),
             "max_size": max_size, "precision": resolve_precision(precision, _net_device(net)),

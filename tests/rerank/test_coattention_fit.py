@@ -67,12 +67,13 @@ def test_eval_reranker_fits_on_the_separate_collection_and_says_so(shared_data, 
                                                "positives": [[0, 1, 2], [3, 4, 5], [6, 7, 8]]}))
     fit_dir = tmp_path / "fit"
     _copy(shared_data / "photos", sorted(p.name for p in (shared_data / "photos").iterdir())[:12], fit_dir)
-    common = "n=40,clusters=2,dim=8,scales=1,max_size=128,words=0,model=gem-lite0,precision=fp32"
+    common = "n=40,clusters=2,dim=8,scales=1,words=0"
+    # glimr eval hands the images, the evaluated network and its image size to the re-ranker
     rep = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",
-                   rerank=f"coattention:dataset={root},fit={fit_dir},{common}")
+                   rerank=f"coattention:fit={fit_dir},{common}")
     note = [n for n in rep.notes if "co-attention" in n]
     assert len(note) == 1 and str(fit_dir) in note[0] and "12 images" in note[0] and "transductive" not in note[0]
     assert rep.metrics["mAP"] > 50                                     # 3 objects: the views are found
-    rep_db = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",
-                      rerank=f"coattention:dataset={root},fit=database,{common}")
+    rep_db = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",     # the old form
+                      rerank=f"coattention:dataset={root},fit=database,{common},model=gem-lite0,max_size=128")
     assert any("transductive" in n for n in rep_db.notes)

@@ -70,5 +70,5 @@ def test_eval_registry_has_the_rerankers():
     for spec in ("alpha-qe:n=2,alpha=3", "aqe:n=2", "diffusion:k=5,kq=3,alpha=0.8"):
         out = E.apply_rerank(spec, q, db, ranks)
         assert out.shape == ranks.shape
-    with pytest.raises(ValueError, match="dataset"):
-        E.apply_rerank("coattention", q, db, ranks)          # it needs the evaluation set's images
+    with pytest.raises(E.EvalError, match="needs the evaluation set.s images"):
+        E.apply_rerank("coattention", q, db, ranks)          # no evalset, no dataset=
