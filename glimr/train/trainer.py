@@ -8,15 +8,18 @@ What a run does (the paper settings are the defaults where they fit; each is a c
 - data: instance composites from a photo folder (`data.kind: composites`), a CSV of (image path, label)
   (`csv`) or GLDv2's train.csv / train_clean.csv (`gldv2`); GLAM's group-size batches (`data.n_groups`
   aspect-ratio groups, longest side `data.long_side`) drawn in random or class-balanced order
-  (`data.sampler: random | class_balanced`, `data.per_class`).
+  (`data.sampler: random | class_balanced`, `data.per_class`), or one square size for every image
+  (`data.size_mode: square`, long_side x long_side: UGALR's and the co-attention paper's 512 x 512).
 - frozen-backbone mode (CiDeR-FT style, `cache.enabled: true`): the backbone up to `cache.stage` is frozen and
   its feature maps are cached on disk once (glimr.train.cache); stage res5 trains the head only, stage res4
   trains res5 + head. Otherwise `optim.trainable: all | res5+head | head` picks what trains on images.
 - loss: ArcFace on the global descriptor (`loss.margin`, `loss.scale`; GLAM m=0.3, UGALR/DPLG m=0.15 s=30),
   plus lambda x cross-entropy on UGALR's intermediate embedding (`loss.inter_weight`, 0.6), or the GeM
   paper's contrastive loss (`loss.kind: contrastive`).
-- SGD with momentum and weight decay, linear warm-up then cosine decay (per optimizer step), gradient
-  accumulation (`optim.accum_steps`), gradient clipping; AMP on CUDA (bf16 where supported, else fp16 with
+- SGD with momentum and weight decay, linear warm-up (`optim.warmup_steps`, or `optim.warmup_epochs`) then
+  cosine decay (per optimizer step), gradient accumulation (`optim.accum_steps`), gradient clipping; the batch
+  is per process (`optim.batch_size`) or a paper's total (`optim.global_batch_size`, split over the GPUs and
+  accumulation steps); AMP on CUDA (bf16 where supported, else fp16 with
   a grad scaler), bf16 autocast on CPUs with native bf16 (else fp32): `run.precision: auto`.
 - multi-GPU: launch with `torchrun --nproc_per_node N -m glimr.cli train CONFIG`: DistributedDataParallel,
   each rank takes every N-th batch; rank 0 logs and writes checkpoints.
@@ -85,6 +88,7 @@ class DataConfig:
     csv: str | None = None                    # csv / gldv2: the CSV file
     root: str | None = None                   # csv / gldv2: image folder (csv default: the CSV's folder)
     long_side: int = 384                      # group sizes: longest side of a batch's images
+    size_mode: str = "group"                  # group: aspect-ratio group sizes; square: long_side x long_side
     n_groups: int = 3                         # aspect-ratio groups (GLAM group-size sampling)
     sampler: str = "random"                   # random | class_balanced
     per_class: int = 4                        # class_balanced: samples per class and epoch
@@ -129,13 +133,16 @@ class OptimConfig:
     trainable: str = "all"                    # image mode: all | res5+head | head (cache: from cache.stage)
     epochs: int = 10
     max_steps: int | None = None              # stop after this many optimizer steps (total)
-    batch_size: int = 64
+    batch_size: int = 64                      # per process (per GPU under torchrun)
+    global_batch_size: int | None = None      # if set: the batch over all processes and accumulation steps
+                                              # (a paper's "batch size"); per process = this / (world x accum)
     accum_steps: int = 1
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-5                # GLAM: SGD lr 1e-3, momentum 0.9, weight decay 1e-5
     warmup_steps: int = 100
+    warmup_epochs: float | None = None        # if set: warm-up length in epochs (replaces warmup_steps)
     min_lr_ratio: float = 0.0                 # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = None
     freeze_bn: bool = True                    # BatchNorm of trained backbone stages keeps its statistics
@@ -244,6 +251,7 @@ _NUMBERS = {
     "loss": {"margin": finite_float, "scale": positive_float, "contrastive_margin": finite_float,
              "inter_weight": nonnegative_float, "loc_weight": nonnegative_float},
     "optim": {"epochs": positive_int, "max_steps": (positive_int, True), "batch_size": positive_int,
+              "global_batch_size": (positive_int, True), "warmup_epochs": (nonnegative_float, True),
               "accum_steps": positive_int, "lr": positive_float, "momentum": float_in(0.0, 1.0, hi_open=True),
               "weight_decay": nonnegative_float, "warmup_steps": nonnegative_int,
               "min_lr_ratio": float_in(0.0, 1.0), "grad_clip": (positive_float, True),
@@ -299,6 +307,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.loc_weight > 0 and cfg.data.kind != "composites":
         raise TrainConfigError("loss.loc_weight needs the boxes of instance composites "
                                "(data.kind=composites)")
+    if cfg.data.size_mode not in ("group", "square"):
+        raise TrainConfigError(f"data.size_mode must be group or square, not {cfg.data.size_mode!r}")
+    if cfg.data.size_mode == "square" and cfg.cache.enabled:
+        raise TrainConfigError("data.size_mode=square resizes images, but the feature cache (cache.enabled) "
+                               "keeps the group sizes: use data.size_mode=group with the cache")
     if cfg.data.sampler not in ("random", "class_balanced"):
         raise TrainConfigError(f"data.sampler must be random or class_balanced, not {cfg.data.sampler!r}")
     if cfg.optim.trainable not in ("all", "res5+head", "head"):
@@ -316,13 +329,15 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio at `total` steps."""
+def lr_at(step: int, total: int, cfg: OptimConfig, warmup_steps: int | None = None) -> float:
+    """Linear warm-up over `warmup_steps` (default cfg.warmup_steps), then cosine decay to lr * min_lr_ratio
+    at `total` steps."""
     base = cfg.lr
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
+    warm = cfg.warmup_steps if warmup_steps is None else int(warmup_steps)
+    if warm > 0 and step < warm:
+        return base * (step + 1) / warm
+    span = max(1, total - warm)
+    t = min(1.0, (step - warm) / span)
     return base * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -555,6 +570,7 @@ class Trainer:
         self.stage = cfg.cache.stage if cfg.cache.enabled else None
         self.trainable = ({"res5": "head", "res4": "res5+head"}[self.stage] if self.stage
                           else cfg.optim.trainable)
+        self.batch_size = self.per_process_batch()
         self._build_data()
         bb = self.net.backbone
         if self.trainable == "head":
@@ -595,12 +611,28 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         if cfg.optim.max_steps:
             self.total_steps = min(self.total_steps, int(cfg.optim.max_steps))
+        self.warmup_steps = (int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+                             if cfg.optim.warmup_epochs is not None else cfg.optim.warmup_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         n_train = sum(p.numel() for p in net_params)
         self._log(f"glimr train: {cfg.model}, {self.num_classes} classes, {len(self.dataset)} items, "
-                  f"trainable={self.trainable} ({n_train / 1e6:.2f} M parameters), {self.steps_per_epoch} "
-                  f"steps/epoch, {self.total_steps} steps, device {self.device}, "
+                  f"trainable={self.trainable} ({n_train / 1e6:.2f} M parameters), batch {self.batch_size} per "
+                  f"process x {self.world} x {cfg.optim.accum_steps} accumulated, {self.steps_per_epoch} "
+                  f"steps/epoch, {self.total_steps} steps ({self.warmup_steps} warm-up), device {self.device}, "
                   f"precision {self._precision_name()}, world size {self.world}")
+
+    def per_process_batch(self) -> int:
+        """optim.batch_size, or optim.global_batch_size / (world size x accum_steps) when that is set (a
+        paper's batch size, the same whatever the number of GPUs)."""
+        o = self.cfg.optim
+        if o.global_batch_size is None:
+            return o.batch_size
+        share = self.world * o.accum_steps
+        if o.global_batch_size % share:
+            raise TrainConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by world size "
+                                   f"{self.world} x optim.accum_steps {o.accum_steps}: choose a number of GPUs "
+                                   "(torchrun --nproc_per_node) and accum_steps whose product divides it")
+        return o.global_batch_size // share
 
     def _precision_name(self) -> str:
         ctx = self.autocast()
@@ -627,7 +659,7 @@ class Trainer:
             ds = (LabeledImages.from_csv(d.csv, root=d.root, **kw) if d.kind == "csv"
                   else LabeledImages.from_gldv2(d.csv, root=d.root, **kw))
         self.num_classes = int(ds.num_classes)
-        bs = self.cfg.optim.batch_size
+        bs = self.batch_size
         if self.stage:
             cache = self._build_cache(ds)
             self.dataset = CachedMaps(cache, cfg.cache.flip, d.seed)
@@ -636,7 +668,9 @@ class Trainer:
                                                  world_size=self.world)
         else:
             self.dataset = ds
-            self.sampler = GroupSizeBatchSampler(self._source(ds.labels), ds.aspects, batch_size=bs,
+            # square: every image (after its random crop) resized to long_side x long_side (one group)
+            aspects = np.ones(len(ds)) if d.size_mode == "square" else ds.aspects
+            self.sampler = GroupSizeBatchSampler(self._source(ds.labels), aspects, batch_size=bs,
                                                  long_side=d.long_side, n_groups=d.n_groups, seed=d.seed,
                                                  rank=self.rank, world_size=self.world)
 
@@ -787,7 +821,7 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", **kw)
 
     def _set_lr(self) -> float:
-        lr = lr_at(self.step, self.total_steps, self.cfg.optim)
+        lr = lr_at(self.step, self.total_steps, self.cfg.optim, self.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         return lr
