@@ -341,6 +341,19 @@ def lr_at(step: int, total: int, cfg: OptimConfig, warmup_steps: int | None = No
     return base * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def per_process_batch(cfg: OptimConfig, world_size: int) -> int:
+    """The batch of one process: optim.batch_size, or optim.global_batch_size / (world size x accum_steps)
+    when that is set (a paper's batch size, the same whatever the number of GPUs)."""
+    if cfg.global_batch_size is None:
+        return cfg.batch_size
+    share = int(world_size) * cfg.accum_steps
+    if cfg.global_batch_size % share:
+        raise TrainConfigError(f"optim.global_batch_size={cfg.global_batch_size} is not divisible by world size "
+                               f"{world_size} x optim.accum_steps {cfg.accum_steps}: choose a number of GPUs "
+                               "(torchrun --nproc_per_node) and accum_steps whose product divides it")
+    return cfg.global_batch_size // share
+
+
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
@@ -622,17 +635,7 @@ class Trainer:
                   f"precision {self._precision_name()}, world size {self.world}")
 
     def per_process_batch(self) -> int:
-        """optim.batch_size, or optim.global_batch_size / (world size x accum_steps) when that is set (a
-        paper's batch size, the same whatever the number of GPUs)."""
-        o = self.cfg.optim
-        if o.global_batch_size is None:
-            return o.batch_size
-        share = self.world * o.accum_steps
-        if o.global_batch_size % share:
-            raise TrainConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by world size "
-                                   f"{self.world} x optim.accum_steps {o.accum_steps}: choose a number of GPUs "
-                                   "(torchrun --nproc_per_node) and accum_steps whose product divides it")
-        return o.global_batch_size // share
+        return per_process_batch(self.cfg.optim, self.world)
 
     def _precision_name(self) -> str:
         ctx = self.autocast()
