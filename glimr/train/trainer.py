@@ -624,7 +624,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         if cfg.optim.max_steps:
             self.total_steps = min(self.total_steps, int(cfg.optim.max_steps))
-        self.warmup_steps = (int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = (round(cfg.optim.warmup_epochs * self.steps_per_epoch)
                              if cfg.optim.warmup_epochs is not None else cfg.optim.warmup_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         n_train = sum(p.numel() for p in net_params)

@@ -24,8 +24,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from glimr.models.registry import build_model
-from glimr.train.trainer import (OptimConfig, Trainer, TrainConfigError, latest_checkpoint, load_config,
-                                 lr_at, per_process_batch, train)
+from glimr.train.trainer import (
+    OptimConfig,
+    TrainConfigError,
+    Trainer,
+    latest_checkpoint,
+    load_config,
+    lr_at,
+    per_process_batch,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -267,6 +275,8 @@ def test_square_size_mode_and_group_sizes(tiny_gldv2, tmp_path):
     assert sorted(gr.sampler.group_sizes) == [(64, 96), (96, 64)]    # (w, h), sides rounded to 32
     with pytest.raises(TrainConfigError, match="size_mode must be group or square"):
         load_config(CONFIGS / "paper_gem_resnet101_gldv2.yaml", ["data.size_mode=fixed"])
+    with pytest.raises(TrainConfigError, match="feature cache"):     # cached maps keep their group sizes
+        load_config(CONFIGS / "paper_gem_resnet101_gldv2.yaml", ["cache.enabled=true"])
 
 
 def test_warmup_in_epochs(tiny_gldv2, tmp_path):
