@@ -424,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from glimr.eval import cli as eval_cli
+    from glimr.serve import cli as serve_cli
     from glimr.train import cli as train_cli
     from glimr.train import whiten as whiten_cli
     from glimr.viz import cli as viz_cli
 
-    for family in (eval_cli, viz_cli, train_cli, whiten_cli):  # eval + bench, explain, train, whiten
+    for family in (eval_cli, viz_cli, train_cli, whiten_cli, serve_cli):  # eval + bench, explain, train, whiten, serve
         family.register(sub)
     return ap
 
