@@ -76,6 +76,16 @@ def ukb_index(shared_data, default_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def serve_token() -> str:
+    return TOKEN
+
+
+@pytest.fixture(scope="session")
+def serve_limits() -> dict:
+    return {"upload_mb": UPLOAD_MB, "max_pixels": MAX_PIXELS, "max_size": MAX_SIZE}
+
+
+@pytest.fixture(scope="session")
 def token_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("serve-token") / "token"
     p.write_text(TOKEN + "\n")

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import MAX_PIXELS, TOKEN, UPLOAD_MB
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+@pytest.fixture(scope="module")
+def auth(serve_token) -> dict:
+    return {"Authorization": f"Bearer {serve_token}"}
 
 
 def ukb(shared_data: Path, i: int) -> Path:
@@ -94,8 +96,9 @@ def _png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def test_error_cases(server, ro_server, shared_data):
+def test_error_cases(server, ro_server, shared_data, auth, serve_limits):
     url = server.url
+    UPLOAD_MB, MAX_PIXELS = serve_limits["upload_mb"], serve_limits["max_pixels"]  # noqa: N806
     q = ukb(shared_data, 0)
     # upload cap: 413 before the body is read
     big = b"\xff\xd8\xff" + bytes((UPLOAD_MB << 20) + 1000)
@@ -135,9 +138,9 @@ def test_error_cases(server, ro_server, shared_data):
     r = httpx.post(f"{url}/api/images", files=files, headers={"Authorization": "Bearer nope-nope"}, timeout=10)
     assert r.status_code == 401 and "wrong token" in r.json()["detail"]
     assert httpx.delete(f"{url}/api/images/5", timeout=10).status_code == 401
-    r = httpx.post(f"{ro_server.url}/api/images", files=files, headers=AUTH, timeout=10)
+    r = httpx.post(f"{ro_server.url}/api/images", files=files, headers=auth, timeout=10)
     assert r.status_code == 403 and "read-only" in r.json()["detail"]
-    assert httpx.delete(f"{ro_server.url}/api/images/5", headers=AUTH, timeout=10).status_code == 403
+    assert httpx.delete(f"{ro_server.url}/api/images/5", headers=auth, timeout=10).status_code == 403
     assert httpx.get(f"{url}/api/stats", timeout=10).json()["images"] == 300
     assert server.alive()
 
@@ -165,10 +168,10 @@ def test_survives_a_client_that_leaves_mid_upload(server, shared_data):
     assert r.status_code == 200 and r.json()["results"][0]["path"] == "ukbench00000.jpg"
 
 
-def test_add_search_delete(server, ukb_index, shared_data):
+def test_add_search_delete(server, ukb_index, shared_data, auth):
     photo = sorted((shared_data / "photos").glob("*.JPEG"))[3]
     r = httpx.post(f"{server.url}/api/images", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
-                   headers=AUTH, timeout=120)
+                   headers=auth, timeout=120)
     assert r.status_code == 201, r.text
     added = r.json()
     stored = Path(added["path"])
@@ -176,7 +179,7 @@ def test_add_search_delete(server, ukb_index, shared_data):
     assert stored.read_bytes() == photo.read_bytes()
     # the same content again is not added twice
     r = httpx.post(f"{server.url}/api/images", files={"image": ("again.jpg", photo.read_bytes(), "image/jpeg")},
-                   headers=AUTH, timeout=120)
+                   headers=auth, timeout=120)
     assert r.status_code == 200 and r.json() == {**added, "added": False}
     hits = search(server.url, photo, top=3).json()["results"]
     assert hits[0]["id"] == added["id"] and hits[0]["score"] > 0.99   # itself, re-embedded identically
@@ -186,16 +189,16 @@ def test_add_search_delete(server, ukb_index, shared_data):
 
     with IndexStore.open(ukb_index) as store:
         assert store.stats()["images"] == 301 and store.rows()[added["path"]].status == "ok"
-    r = httpx.delete(f"{server.url}/api/images/{added['id']}", headers=AUTH, timeout=120)
+    r = httpx.delete(f"{server.url}/api/images/{added['id']}", headers=auth, timeout=120)
     assert r.status_code == 200 and r.json()["deleted"]
     assert not stored.exists()
-    assert httpx.delete(f"{server.url}/api/images/{added['id']}", headers=AUTH, timeout=30).status_code == 404
+    assert httpx.delete(f"{server.url}/api/images/{added['id']}", headers=auth, timeout=30).status_code == 404
     assert added["id"] not in [h["id"] for h in search(server.url, photo, top=5).json()["results"]]
     with IndexStore.open(ukb_index) as store:
         assert store.stats()["images"] == 300 and added["path"] not in store.rows()
 
 
-def test_searches_see_before_or_after_a_commit(server, shared_data):
+def test_searches_see_before_or_after_a_commit(server, shared_data, auth):
     """Searches run while an image is added and deleted again: each answer is the ranking before the add or
     the one after it (the new image first), never a mix, never an error."""
     photo = sorted((shared_data / "photos").glob("*.JPEG"))[7]
@@ -216,12 +219,12 @@ def test_searches_see_before_or_after_a_commit(server, shared_data):
     for t in threads:
         t.start()
     try:
-        r = httpx.post(f"{server.url}/api/images", files={"image": ("p.jpg", data, "image/jpeg")}, headers=AUTH,
+        r = httpx.post(f"{server.url}/api/images", files={"image": ("p.jpg", data, "image/jpeg")}, headers=auth,
                        timeout=120)
         assert r.status_code == 201, r.text
         new = r.json()["id"]
         time.sleep(1.0)
-        assert httpx.delete(f"{server.url}/api/images/{new}", headers=AUTH, timeout=120).status_code == 200
+        assert httpx.delete(f"{server.url}/api/images/{new}", headers=auth, timeout=120).status_code == 200
         time.sleep(0.5)
     finally:
         stop.set()
