@@ -216,6 +216,14 @@ class Service:
             cfg.extract.check_checkpoint()   # the recorded file, unchanged (sha256), or a clear error
             model = build_model(cfg.model, checkpoint=cfg.checkpoint)
         self.model = model.eval()
+        # adds embed as a build does (extract() of a chunk runs the BatchNorm-folded copy, glimr/models/fold.py),
+        # searches as `glimr search` does (one query: the model as loaded); in bf16 the two differ by ~0.2% in
+        # cosine, so each path keeps its own model and matches its CLI counterpart. Heat maps use the folded one.
+        import copy
+
+        from glimr.models.fold import inference_model
+
+        self.build_model = inference_model(copy.deepcopy(self.model), build=True)
         self.root = Path(self.snapshot.store.config.root or ".").resolve()
         self.uploads = (self.dir / "uploads").resolve()
         self.metrics = Metrics()
@@ -356,14 +364,14 @@ class Service:
 
                     qpath, box = self.query(qid)
                     # the index's co-attention PCA when it has one, else the model's own space at its scales
-                    render_coattention(qpath, [p], out, model=self.model, box=box,
+                    render_coattention(qpath, [p], out, model=self.build_model, box=box,
                                        index=str(self.dir) if cfg.coattention else None,
                                        scales=None if cfg.coattention else cfg.scales, max_size=cfg.max_size)
                 else:
                     from glimr.viz.explain import explain
 
                     image = load_image(p, target_size=cfg.max_size)
-                    explain(self.model, image, out, size=cfg.max_size, title=f"{cfg.model}: {Path(rel).name}")
+                    explain(self.build_model, image, out, size=cfg.max_size, title=f"{cfg.model}: {Path(rel).name}")
             return Path(out).read_bytes()
         except ImageError as e:
             raise ApiError(410, f"image {image_id} cannot be read now: {e}") from None
@@ -419,12 +427,12 @@ class Service:
                     from glimr.extract.local import CoAttentionParams, extract_local
 
                     params = CoAttentionParams.load(self.dir / "coattention")
-                    res, locs = extract_local(self.model, [final], cfg=params.cfg, settings=ex, progress=False,
+                    res, locs = extract_local(self.build_model, [final], cfg=params.cfg, settings=ex, progress=False,
                                               report_errors=False)
                     if not res.errors:
                         records = np.stack([params.encode(locs[0])])
                 else:
-                    res = extract(self.model, [final], settings=ex, progress=False, report_errors=False)
+                    res = extract(self.build_model, [final], settings=ex, progress=False, report_errors=False)
             if res.errors:
                 final.unlink(missing_ok=True)
                 raise ApiError(422, res.errors[0].replace(str(final), name or "<upload>"))
