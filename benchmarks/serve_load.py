@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def glimr(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "glimr", *args], check=True, cwd=ROOT, env=env)  # noqa: S603
+    subprocess.run([sys.executable, "-m", "glimr", *args], check=True, cwd=ROOT, env=env)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -161,7 +161,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "wb")  # noqa: SIM115
-    srv = subprocess.Popen([sys.executable, "-m", "glimr", "serve", str(index), "--port", str(port),  # noqa: S603
+    srv = subprocess.Popen([sys.executable, "-m", "glimr", "serve", str(index), "--port", str(port),
                             "--token-file", str(work / "token"), "--log-level", "warning"],
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log)
     try:

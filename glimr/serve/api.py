@@ -122,10 +122,9 @@ class Snapshot:
             store.db.close()
             store.db = _FrozenDB(mem)
             vids, paths = store.live()
-            faiss_state = store._faiss_state()
-            if store._faiss is None or store._faiss.ntotal != len(vids) \
-                    or faiss_state.get("n_vectors") != store.n_vectors:  # a writer of another process moved on
-                store._faiss = store._make_faiss()[0]
+            if not store.faiss_is_current() or store.faiss().ntotal != len(vids):
+                store._faiss = store._make_faiss()[0]   # another process's build moved on since open()
+            self.reranks = self._reranks(store)
         except BaseException:
             store.close()
             raise
@@ -133,6 +132,19 @@ class Snapshot:
         self.paths = dict(zip((int(v) for v in vids), paths))
         self.ids = {p: v for v, p in self.paths.items()}
         self.stats = store.stats()
+
+    @staticmethod
+    def _reranks(store) -> dict[str, str | None]:
+        """rerank -> None when this index has what it needs, else what it needs."""
+        from glimr.rerank.diffusion import DiffusionGraph, graph_state
+
+        out: dict[str, str | None] = {"none": None, "aqe": None, "qe": None, "sv": None}
+        out["coattention"] = None if store.config.coattention else \
+            "needs an index built with `glimr index build --coattention`"
+        gdir = store.dir / "diffusion"
+        ok = (gdir / "graph.json").is_file() and DiffusionGraph.load(gdir, graph_state(store)) is not None
+        out["diffusion"] = None if ok else "needs an index built with `glimr index build --diffusion`"
+        return out
 
 
 class _RWLock:
@@ -253,19 +265,6 @@ class Service:
         return None
 
     # ---- helpers ----
-    def rerank_available(self, snap: Snapshot) -> dict[str, str | None]:
-        """rerank -> None when this index has what it needs, else why not."""
-        from glimr.rerank.diffusion import DiffusionGraph, graph_state
-
-        cfg = snap.store.config
-        out: dict[str, str | None] = {"none": None, "aqe": None, "qe": None, "sv": None}
-        out["coattention"] = None if cfg.coattention else \
-            "needs an index built with `glimr index build --coattention`"
-        gdir = self.dir / "diffusion"
-        ok = (gdir / "graph.json").is_file() and DiffusionGraph.load(gdir, graph_state(snap.store)) is not None
-        out["diffusion"] = None if ok else "needs an index built with `glimr index build --diffusion`"
-        return out
-
     def decode_upload(self, data: bytes, name: str):
         """Check that the upload is an image within the caps (ApiError 413/415/422 with the reason)."""
         from glimr.io.images import ImageError, load_image_bytes
@@ -276,16 +275,21 @@ class Service:
         except ImageError as e:
             raise ApiError(_image_status(e), str(e)) from None
 
-    def keep_query(self, data: bytes, box) -> tuple[str, Path]:
+    def write_query(self, data: bytes) -> tuple[str, Path]:
+        """The upload as a file of its own (the search reads it as `glimr search` reads its argument)."""
         qid = uuid.uuid4().hex
         path = self.qdir / f"{qid}{_extension(data)}"
         path.write_bytes(data)
+        return qid, path
+
+    def keep_query(self, qid: str, path: Path, box) -> None:
+        """Keep a searched query for /explain; the oldest go first (only finished searches are kept, so a
+        search never loses its file while it waits for the model)."""
         with self.qlock:
             self.queries[qid] = (path, box)
             while len(self.queries) > self.settings.queries_kept:
                 _, (old, _) = self.queries.popitem(last=False)
                 old.unlink(missing_ok=True)
-        return qid, path
 
     def query(self, qid: str) -> tuple[Path, tuple | None]:
         with self.qlock:
@@ -311,22 +315,27 @@ class Service:
         return rel, p
 
     # ---- work (runs in worker threads) ----
-    def search(self, data: bytes, name: str, box, top: int, rerank: str) -> dict:
+    def search(self, data: bytes, name: str, box, top: int, rerank: str, shortlist: int | None = None) -> dict:
         from glimr.rerank.search import QueryError, SearchSettings, search_image
 
         t0 = time.perf_counter()
         self.decode_upload(data, name)
-        settings = SearchSettings(top=top, box=box, rerank=rerank)
-        qid, qpath = self.keep_query(data, box)
-        with self.compute, self.rw.read():
-            snap = self.snapshot
-            why = self.rerank_available(snap).get(rerank)
-            if why is not None:
-                raise ApiError(422, f"rerank '{rerank}' is not available on this index: it {why}")
-            try:
-                hits = search_image(snap.store, self.model, qpath, settings)
-            except QueryError as e:
-                raise ApiError(422, str(e).replace(str(qpath), name or "<upload>")) from None
+        settings = SearchSettings(top=top, box=box, rerank=rerank, shortlist=shortlist)
+        qid, qpath = self.write_query(data)
+        try:
+            with self.compute, self.rw.read():
+                snap = self.snapshot
+                why = snap.reranks.get(rerank)
+                if why is not None:
+                    raise ApiError(422, f"rerank '{rerank}' is not available on this index: it {why}")
+                try:
+                    hits = search_image(snap.store, self.model, qpath, settings)
+                except QueryError as e:
+                    raise ApiError(422, str(e).replace(str(qpath), name or "<upload>")) from None
+        except BaseException:
+            qpath.unlink(missing_ok=True)
+            raise
+        self.keep_query(qid, qpath, box)
         results = [{"rank": r + 1, "id": snap.ids[p], "path": p, "score": s} for r, (p, s) in enumerate(hits)]
         return {"results": results, "model": snap.store.config.model, "rerank": rerank,
                 "crop": list(box) if box else None, "query": qid,
@@ -339,7 +348,7 @@ class Service:
 
         from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
-        rel, p = self.image_file(self.snapshot, image_id)
+        _, p = self.image_file(self.snapshot, image_id)
         try:
             img = load_image(p, DEFAULT_MAX_PIXELS, target_size=size)
         except ImageError as e:
@@ -455,7 +464,7 @@ class Service:
     def stats(self) -> dict:
         snap = self.snapshot
         s = snap.stats
-        avail = self.rerank_available(snap)
+        avail = snap.reranks
         return {"images": s["images"], "errors": s["errors"], "n_vectors": s["n_vectors"],
                 "model": snap.store.config.model, "dim": snap.store.config.dim,
                 "scales": list(snap.store.config.scales), "max_size": snap.store.config.max_size,
@@ -468,8 +477,8 @@ class Service:
 
 # ---- ASGI middleware: body cap, token check before a write's body, metrics, headers -----------------------
 _HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-            (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; "
-                                         b"connect-src 'self'; object-src 'none'; frame-ancestors 'none'")]
+            (b"content-security-policy", (b"default-src 'self'; img-src 'self' blob: data:; "
+                                          b"connect-src 'self'; object-src 'none'; frame-ancestors 'none'"))]
 
 
 class _Guard:
@@ -555,7 +564,8 @@ def create_app(index_dir: str | Path, token: str | None = None, *, settings: Ser
     async def _api_error(request, e: ApiError):
         return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
 
-    def writer(cred: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    # FastAPI's parameter declarations are its documented default-argument style
+    def writer(cred: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:  # noqa: B008
         err = svc.auth_error(f"Bearer {cred.credentials}" if cred is not None else None)
         if err is not None:
             raise err
@@ -577,14 +587,17 @@ def create_app(index_dir: str | Path, token: str | None = None, *, settings: Ser
         return data
 
     @app.post("/api/search", tags=["search"], summary="Search the index with an image")
-    async def search(image: UploadFile = File(..., description="the query image (JPEG, PNG, ...)"),
+    async def search(image: UploadFile = File(..., description="the query image (JPEG, PNG, ...)"),  # noqa: B008
                      crop: str | None = Form(None, description="query box x0,y0,x1,y1 in the image's pixels",
                                              max_length=200),
                      top: int = Form(settings.default_top, ge=1, le=settings.max_top, description="results"),
-                     rerank: Literal[RERANK_CHOICES] = Form("none", description="re-ranking (see /api/stats)")):
+                     rerank: Literal[RERANK_CHOICES] = Form("none", description="re-ranking (see /api/stats)"),
+                     shortlist: int | None = Form(None, ge=1, le=10_000,
+                                                  description="sv: verify the global top this many (default 100); "
+                                                              "coattention: score at most this many candidates")):
         box = parse_crop(crop)
         data = await read_upload(image)
-        return await run_in_threadpool(svc.search, data, image.filename or "<upload>", box, top, rerank)
+        return await run_in_threadpool(svc.search, data, image.filename or "<upload>", box, top, rerank, shortlist)
 
     @app.get("/api/images/{image_id}", tags=["images"], summary="An indexed image, downscaled (JPEG)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
@@ -604,7 +617,7 @@ def create_app(index_dir: str | Path, token: str | None = None, *, settings: Ser
 
     @app.post("/api/images", tags=["images"], status_code=201, summary="Add an image to the index (token)",
               dependencies=[Security(writer)])
-    async def add_image(image: UploadFile = File(..., description="the image to add")):
+    async def add_image(image: UploadFile = File(..., description="the image to add")):  # noqa: B008
         data = await read_upload(image)
         status, body = await run_in_threadpool(svc.add, data, image.filename or "<upload>")
         return JSONResponse(body, status_code=status)

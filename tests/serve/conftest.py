@@ -31,7 +31,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(  # noqa: S603 (our own module)
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "glimr", "serve", str(index), "--port", str(self.port),
              "--max-upload-mb", str(UPLOAD_MB), "--max-pixels", str(MAX_PIXELS), "--log-level", "warning", *extra],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 
-
 @pytest.fixture(scope="module")
 def auth(serve_token) -> dict:
     return {"Authorization": f"Bearer {serve_token}"}
@@ -54,15 +53,15 @@ def test_top4_are_the_objects_views(server, shared_data):
         assert scores == sorted(scores, reverse=True) and body["timing_ms"] > 0
 
 
-@pytest.mark.parametrize("rerank, crop", [("none", None), ("none", "100,60,540,420"), ("aqe", None),
-                                          ("diffusion", None), ("sv", None)])
-def test_same_ranking_as_glimr_search(server, ukb_index, shared_data, rerank, crop):
+@pytest.mark.parametrize("rerank, extra", [("none", {}), ("none", {"crop": "100,60,540,420"}), ("aqe", {}),
+                                           ("diffusion", {}), ("sv", {"shortlist": 24})])
+def test_same_ranking_as_glimr_search(server, ukb_index, shared_data, rerank, extra):
     q = ukb(shared_data, 9)
-    form = {"top": 12, "rerank": rerank, **({"crop": crop} if crop else {})}
-    r = search(server.url, q, **form)
+    r = search(server.url, q, top=12, rerank=rerank, **extra)
     assert r.status_code == 200, r.text
     api = [(h["path"], h["score"]) for h in r.json()["results"]]
-    cli = cli_search(ukb_index, q, "--top", "12", "--rerank", rerank, *(["--crop", crop] if crop else []))
+    cli = cli_search(ukb_index, q, "--top", "12", "--rerank", rerank,
+                     *[a for k, v in extra.items() for a in (f"--{k}", str(v))])
     assert [p for p, _ in api] == [p for p, _ in cli]
     # same code, same float32 arithmetic; the CLI prints 6 decimals: equal within 1e-6 (+ rounding)
     np.testing.assert_allclose([s for _, s in api], [s for _, s in cli], rtol=0, atol=2e-6)
@@ -98,15 +97,15 @@ def _png(w: int, h: int) -> bytes:
 
 def test_error_cases(server, ro_server, shared_data, auth, serve_limits):
     url = server.url
-    UPLOAD_MB, MAX_PIXELS = serve_limits["upload_mb"], serve_limits["max_pixels"]  # noqa: N806
+    upload_mb, max_pixels = serve_limits["upload_mb"], serve_limits["max_pixels"]
     q = ukb(shared_data, 0)
     # upload cap: 413 before the body is read
-    big = b"\xff\xd8\xff" + bytes((UPLOAD_MB << 20) + 1000)
+    big = b"\xff\xd8\xff" + bytes((upload_mb << 20) + 1000)
     r = search(url, big)
     assert r.status_code == 413 and "larger than this service accepts" in r.json()["detail"]
     # pixel cap: a small file of too many pixels
     r = search(url, _png(2000, 1001), name="wide.png")
-    assert r.status_code == 413 and f"exceeds max_pixels = {MAX_PIXELS:,}" in r.json()["detail"]
+    assert r.status_code == 413 and f"exceeds max_pixels = {max_pixels:,}" in r.json()["detail"]
     # not an image: 415 with the reason and the uploaded name
     r = search(url, b"just some text, not a photo\n", name="notes.txt")
     assert r.status_code == 415 and "'notes.txt': not a supported image" in r.json()["detail"]
