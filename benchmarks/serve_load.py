@@ -86,9 +86,9 @@ async def run_load(url: str, token: str, queries: list[bytes], adds: list[Path],
                     errors.append(f"search {type(e).__name__}: {e}")
 
         async def adder():
-            gap = duration / (len(adds) + 1)
-            for p in adds:
-                await asyncio.sleep(gap)
+            start = time.perf_counter()
+            for k, p in enumerate(adds, 1):   # at k/(n+1) of the run (at once when the previous add ran late)
+                await asyncio.sleep(max(0.0, start + k * duration / (len(adds) + 1) - time.perf_counter()))
                 t0 = time.perf_counter()
                 try:
                     r = await http.post("/api/images", files={"image": (p.name, p.read_bytes(), "image/jpeg")},
@@ -102,8 +102,11 @@ async def run_load(url: str, token: str, queries: list[bytes], adds: list[Path],
                     errors.append(f"add {type(e).__name__}: {e}")
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(searcher(i) for i in range(clients)), adder())
-        wall = time.perf_counter() - t0
+        searched = asyncio.gather(*(searcher(i) for i in range(clients)))
+        adding = asyncio.ensure_future(adder())
+        await searched
+        wall = time.perf_counter() - t0            # the searching window, until the last answer came
+        await adding
         metrics = (await http.get("/metrics")).text
         stats = (await http.get("/api/stats")).json()
     count = next((float(ln.split()[-1]) for ln in metrics.splitlines()

@@ -82,7 +82,7 @@ def query_scales(settings: SearchSettings, store, model) -> tuple[float, ...]:
 
 def search_image(store, model, image: str | Path, settings: SearchSettings) -> list[tuple[str, float]]:
     """Search ``store`` (an open IndexStore) with the query ``image`` (a file); [(path, score)] best first.
-    QueryError when the query cannot be read or cropped (co-attention: a ValueError); FileNotFoundError / IndexStoreError when the index
+    QueryError when the query cannot be read or cropped; FileNotFoundError / IndexStoreError when the index
     lacks what the re-ranking needs (co-attention records, a current diffusion graph)."""
     from glimr.extract.multiscale import extract
 
@@ -93,9 +93,14 @@ def search_image(store, model, image: str | Path, settings: SearchSettings) -> l
     if settings.rerank == "coattention":
         from glimr.rerank.coattention import search_store
 
-        hits, _ = search_store(store, model, image, top, box=box, precision=settings.precision, qe=settings.qe_n,
-                               alpha=settings.qe_alpha, temperature=settings.temperature, ivf=not settings.no_ivf,
-                               shortlist=settings.shortlist, fallback=settings.fallback)
+        try:
+            hits, _ = search_store(store, model, image, top, box=box, precision=settings.precision,
+                                   qe=settings.qe_n, alpha=settings.qe_alpha, temperature=settings.temperature,
+                                   ivf=not settings.no_ivf, shortlist=settings.shortlist, fallback=settings.fallback)
+        except ValueError as e:  # the query's own extraction error (glimr.rerank.coattention.query_features)
+            if str(e).startswith("cannot read image"):
+                raise QueryError(str(e)) from None
+            raise
         return hits
     ex = store.config.extract.replace(scales=query_scales(settings, store, model), workers=0,
                                       precision=settings.precision)
