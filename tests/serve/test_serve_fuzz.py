@@ -10,6 +10,18 @@ from hypothesis import HealthCheck, given, settings
 EXAMPLES = 12     # per operation (9 operations); each request well under a second on the 256-px index
 
 
+def _checker(op, name: str, headers: dict | None, seen: dict[str, set[int]]):
+    @given(op.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    def check(case):
+        r = case.call(timeout=60, headers=headers)
+        seen.setdefault(name, set()).add(r.status_code)
+        assert r.status_code < 500, f"{name} {case.formatted_path} -> {r.status_code}: {r.text[:500]}"
+
+    return check
+
+
 def test_no_server_errors(server, serve_token):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     seen: dict[str, set[int]] = {}
@@ -17,16 +29,7 @@ def test_no_server_errors(server, serve_token):
         op = res.ok()
         name = f"{op.method.upper()} {op.path}"
         headers = {"Authorization": f"Bearer {serve_token}"} if name == "POST /api/images" else None
-
-        @given(op.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
-        def check(case, name=name, headers=headers):
-            r = case.call(timeout=60, headers=headers)
-            seen.setdefault(name, set()).add(r.status_code)
-            assert r.status_code < 500, f"{name} {case.formatted_path} -> {r.status_code}: {r.text[:500]}"
-
-        check()
+        _checker(op, name, headers, seen)()
     assert server.alive()
     assert {"POST /api/search", "GET /api/images/{image_id}", "GET /api/images/{image_id}/explain",
             "POST /api/images", "DELETE /api/images/{image_id}", "GET /api/stats", "GET /healthz",
