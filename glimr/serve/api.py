@@ -545,10 +545,17 @@ def create_app(index_dir: str | Path, token: str | None = None, *, settings: Ser
                model=None):
     """The FastAPI app serving ``index_dir``; ``token``: the bearer token that allows adds and deletes (None:
     read-only). ``model``: an already built model (else the index's, checked against its recorded hash)."""
-    from glimr import __version__
-
     settings = settings or ServeSettings()
     svc = Service(index_dir, token, settings, model=model)
+    try:
+        return _build_app(svc, settings)
+    except BaseException:
+        svc.close()
+        raise
+
+
+def _build_app(svc: Service, settings: ServeSettings):
+    from glimr import __version__
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -86,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"glimr serve: index '{args.index}' ({svc.snapshot.stats['images']} images, model "
           f"{svc.snapshot.store.config.model}), {'read-only' if token is None else 'adds/deletes with the token'}"
           f"; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        svc.close()   # the kept queries' folder, also when the port could not be bound
     return 0
 
 
