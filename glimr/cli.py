@@ -241,66 +241,45 @@ def search_query_scales(args, store, model) -> tuple[float, ...]:
     """The query's scales: --query-scales, else the model's recommended `query_scales` (its checkpoint
     config), else the index's scales (those of the database)."""
     from glimr.extract.multiscale import parse_scales
+    from glimr.rerank.search import SearchSettings, query_scales
 
-    if getattr(args, "query_scales", None):
-        return parse_scales(args.query_scales)
-    if model.config.get("query_scales"):
-        return parse_scales(model.config["query_scales"])
-    return tuple(store.config.scales)
+    qs = parse_scales(args.query_scales) if getattr(args, "query_scales", None) else None
+    return query_scales(SearchSettings(query_scales=qs), store, model)
+
+
+def search_settings_from_args(args):
+    """The validated SearchSettings of --top/--crop/--rerank/... (ValueError otherwise)."""
+    from glimr.extract.multiscale import parse_box, parse_scales
+    from glimr.rerank.search import SearchSettings
+
+    return SearchSettings(top=args.top, box=parse_box(args.crop) if args.crop else None, rerank=args.rerank,
+                          precision=args.precision,
+                          query_scales=parse_scales(args.query_scales) if args.query_scales else None,
+                          qe_n=args.qe_n, qe_alpha=args.qe_alpha, temperature=args.temperature,
+                          shortlist=args.shortlist, no_ivf=args.no_ivf, fallback=args.fallback)
 
 
 def cmd_search(args) -> int:
-    from glimr.extract.multiscale import extract, parse_box
     from glimr.index.store import IndexStore
+    from glimr.rerank.search import QueryError, search_image
 
     if not Path(args.image).exists():
         print(f"glimr search: error: query image not found: '{args.image}'", file=sys.stderr)
         return 2
+    settings = search_settings_from_args(args)
     with IndexStore.open(args.index) as store:
         n_live = store.stats()["images"]
         if n_live == 0:
             print(f"glimr search: index '{args.index}' has no searchable images (see `glimr index info "
                   f"{args.index} --errors`)", file=sys.stderr)
             return 1
-        args.top = min(args.top, n_live)
         model = open_index_model(store)
-        box = parse_box(args.crop) if args.crop else None
-        if args.rerank == "coattention":
-            from glimr.rerank.coattention import search_store
-
-            if args.query_scales:
-                raise ValueError("--query-scales does not apply to --rerank coattention (it uses the index's "
-                                 "co-attention scales)")
-
-            hits, _ = search_store(store, model, args.image, args.top, box=box, precision=args.precision,
-                                   qe=args.qe_n if args.qe_n else 0, alpha=args.qe_alpha,
-                                   temperature=args.temperature, ivf=not args.no_ivf, shortlist=args.shortlist,
-                                   fallback=args.fallback)
-        else:
-            settings = store.config.extract.replace(scales=search_query_scales(args, store, model), workers=0,
-                                                    precision=args.precision)
-            res = extract(model, [args.image], settings=settings, boxes=[box], progress=False,
-                          report_errors=False)
-            if res.errors:
-                print(res.errors[0], file=sys.stderr)
-                return 2
-            if args.rerank in ("qe", "aqe"):
-                from glimr.rerank.qe import search_store as qe_search
-
-                hits = qe_search(store, res.descriptors[0], args.top, n=args.qe_n or 2,
-                                 alpha=None if args.rerank == "aqe" else args.qe_alpha)
-            elif args.rerank == "diffusion":
-                from glimr.rerank.diffusion import search_store as df_search
-
-                hits = df_search(store, res.descriptors[0], args.top)
-            elif args.rerank == "sv":
-                from glimr.rerank.sv import SVConfig
-                from glimr.rerank.sv import search_store as sv_search
-
-                cfg = SVConfig(top=args.shortlist) if args.shortlist else SVConfig()
-                hits = sv_search(store, res.descriptors[0], args.image, args.top, box=box, cfg=cfg)
-            else:
-                hits = store.search(res.descriptors, args.top)[0]
+        try:
+            hits = search_image(store, model, args.image, settings)  # the same code as `glimr serve`
+        except QueryError as e:
+            print(e, file=sys.stderr)
+            return 2
+    box = settings.box
     if args.json:
         print(json.dumps({"query": str(args.image), "crop": box, "rerank": args.rerank, "results": [
             {"rank": r + 1, "path": p, "score": round(s, 6)} for r, (p, s) in enumerate(hits)]}, indent=2))
@@ -456,11 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from glimr.eval import cli as eval_cli
+    from glimr.serve import cli as serve_cli
     from glimr.train import cli as train_cli
     from glimr.train import whiten as whiten_cli
     from glimr.viz import cli as viz_cli
 
-    for family in (eval_cli, viz_cli, train_cli, whiten_cli):  # eval + bench, explain, train, whiten
+    for family in (eval_cli, viz_cli, train_cli, whiten_cli, serve_cli):  # eval + bench, explain, train, whiten, serve
         family.register(sub)
     return ap
 
