@@ -34,6 +34,7 @@ import hashlib
 import math
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -78,7 +79,9 @@ class RaySettings:
     RAY_ADDRESS), or None: join a local cluster if there is one, else start one in this process.
     actors: how many EmbedWorker actors (None: as many as the cluster's CPUs, or GPUs when ``gpus`` > 0,
     allow); cpus / gpus: the resources each actor asks for (its torch threads = cpus; with gpus > 0 the model
-    runs on the actor's GPU). in_flight: batches queued per actor (the next one waits while one runs).
+    runs on the actor's GPU). task_size: files per task (a chunk of the index, committed at once, is cut into
+    tasks so that it spreads over the actors). in_flight: tasks queued per actor (the next waits while one
+    runs).
     max_attempts: tries of a batch whose worker died (then its files are tried one by one).
     start_timeout / stall_timeout: seconds to wait for the actors to load their model / for any answer."""
 
@@ -87,6 +90,7 @@ class RaySettings:
     cpus: float = 1.0
     gpus: float = 0.0
     in_flight: int = 2
+    task_size: int = 32
     max_attempts: int = 3
     start_timeout: float = 600.0
     stall_timeout: float = 1800.0
@@ -100,6 +104,7 @@ class RaySettings:
         object.__setattr__(self, "actors", _int_in("actors (--ray-actors)", self.actors, 1, MAX_ACTORS,
                                                    none_ok=True))
         object.__setattr__(self, "in_flight", _int_in("in_flight", self.in_flight, 1, 64))
+        object.__setattr__(self, "task_size", _int_in("task_size", self.task_size, 1, 1_000_000))
         object.__setattr__(self, "max_attempts", _int_in("max_attempts", self.max_attempts, 1, 100))
         for name, lo_open, hi in (("cpus", True, 1024), ("gpus", False, 64), ("start_timeout", True, 1e6),
                                   ("stall_timeout", True, 1e7)):
@@ -205,6 +210,7 @@ class RayEmbedder:
         self.ray = None
         self.actors: list = []
         self._owns_ray = False
+        self.ready_at: float | None = None  # time.monotonic() when the actors had loaded their model
         self.retried = 0          # batches submitted again after their worker died
         self.files_failed = 0     # files reported because their worker kept dying
 
@@ -277,6 +283,7 @@ class RayEmbedder:
                     "other model files): use a trained checkpoint on shared storage or a packaged model")
         self.actors = started
         self.infos = infos
+        self.ready_at = time.monotonic()
         nodes = len({i["node"] for i in infos})
         tqdm.write(f"ray: {len(started)} workers on {nodes} node{'s' if nodes > 1 else ''} "
                    f"({rs.cpus:g} CPU{f', {rs.gpus:g} GPU' if rs.gpus else ''} each, model on "
@@ -298,6 +305,9 @@ class RayEmbedder:
 
     # ---- embedding -----------------------------------------------------------------------------------
     def __call__(self, batches: Iterable[list[Path]], ca) -> Iterator[Shard]:
+        """The shards of ``batches`` (one per list of files, in order). Each list is cut into tasks of at most
+        ``task_size`` files, so that a chunk's work spreads over the actors; at most ``in_flight`` tasks wait
+        per actor, and at most max(4, 2 x tasks in flight) chunks are read ahead of the last one returned."""
         if ca is not None:
             raise ValueError("co-attention features are not extracted on Ray yet: build this index without --ray")
         if self.ray is None:
@@ -307,11 +317,12 @@ class RayEmbedder:
         load = [0] * n_act
         window = max(1, n_act * rs.in_flight)
         running: dict = {}                 # ObjectRef -> _Task
-        queue: deque[_Task] = deque()      # tasks to submit again
+        retry: deque[_Task] = deque()      # tasks whose worker died, submitted first
+        fresh: deque[_Task] = deque()      # tasks of the chunks read, not submitted yet
         parts: dict[int, _Assembly] = {}
         ready: dict[int, Shard] = {}
         batches = iter(batches)
-        n_read = n_done = 0                # chunks read from ``batches`` / yielded
+        n_read = n_done = 0                # chunks read from ``batches`` / returned
         exhausted = False
 
         def submit(task: _Task) -> None:
@@ -342,10 +353,10 @@ class RayEmbedder:
 
         while True:
             while len(running) < window:
-                if queue:
-                    submit(queue.popleft())
+                if retry or fresh:
+                    submit((retry or fresh).popleft())
                     continue
-                if exhausted or n_read - n_done >= 2 * window:  # results kept for in-order commits are bounded
+                if exhausted or n_read - n_done >= max(4, 2 * window):
                     break
                 try:
                     items = next(batches)
@@ -358,16 +369,16 @@ class RayEmbedder:
                                        missing=len(paths))
                 if not paths:
                     finish_part(_Task(seq, 0, []), None, {}, [])
-                    continue
-                submit(_Task(seq, 0, paths))
+                fresh.extend(_Task(seq, o, paths[o:o + rs.task_size]) for o in range(0, len(paths), rs.task_size))
             while n_done in ready:
                 yield ready.pop(n_done)
                 n_done += 1
             if not running:
-                if queue or not exhausted:
+                if retry or fresh or not exhausted:
                     continue
-                if n_done == n_read:
-                    return
+                if n_done != n_read:  # cannot happen: every chunk read is returned, or has a task somewhere
+                    raise RuntimeError(f"Ray build: chunks {sorted(parts)} have no task left")
+                return
             done, _ = ray.wait(list(running), num_returns=1, timeout=rs.stall_timeout)
             if not done:
                 raise RayBuildError(f"no Ray worker answered for {rs.stall_timeout:g} s (a lost node?): check `ray "
@@ -381,11 +392,11 @@ class RayEmbedder:
                     raise RayBuildError(f"a Ray worker failed on the batch that starts with '{task.paths[0]}': "
                                         f"{_cause(e)}") from None
                 except ray.exceptions.RayError as e:
-                    self._failed(task, e, queue, finish_part)
+                    self._failed(task, e, retry, finish_part)
                     continue
                 finish_part(task, desc, errors, hashes)
 
-    def _failed(self, task: _Task, e: BaseException, queue: deque, finish_part) -> None:
+    def _failed(self, task: _Task, e: BaseException, retry: deque, finish_part) -> None:
         """A task whose worker died: again elsewhere, split into single files, or (a file that kills every
         worker that reads it, while the others answer) reported as unreadable."""
         from glimr.io.images import ImageError
@@ -398,11 +409,11 @@ class RayEmbedder:
             self.retried += 1
             tqdm.write(f"ray: the worker embedding {what} died ({why}); retrying on another worker "
                        f"(try {task.attempt + 1} of {self.rs.max_attempts})", file=sys.stderr)
-            queue.append(task)
+            retry.append(task)
         elif len(task.paths) > 1:
             tqdm.write(f"ray: the workers embedding {what} died {task.attempt} times; trying its files one by one",
                        file=sys.stderr)
-            queue.extend(_Task(task.seq, task.offset + i, [p], avoid=task.actor) for i, p in enumerate(task.paths))
+            retry.extend(_Task(task.seq, task.offset + i, [p], avoid=task.actor) for i, p in enumerate(task.paths))
         elif self._healthy():
             self.files_failed += 1
             err = ImageError(task.paths[0], f"the Ray worker reading it died {task.attempt} times ({why})",
