@@ -285,7 +285,8 @@ class RayEmbedder:
         self.infos = infos
         self.ready_at = time.monotonic()
         nodes = len({i["node"] for i in infos})
-        tqdm.write(f"ray: {len(started)} workers on {nodes} node{'s' if nodes > 1 else ''} "
+        tqdm.write(f"ray: {len(started)} worker{'s' if len(started) > 1 else ''} on {nodes} "
+                   f"node{'s' if nodes > 1 else ''} "
                    f"({rs.cpus:g} CPU{f', {rs.gpus:g} GPU' if rs.gpus else ''} each, model on "
                    f"{infos[0]['device']})", file=sys.stderr)
 

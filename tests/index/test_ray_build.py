@@ -300,3 +300,26 @@ def test_killed_driver_resumes_with_nothing_lost_or_duplicated(ray_cluster, corp
     b = np.stack([exp[p] for p in names[len(BAD):]])
     cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > COS, cos.min()
+
+
+# ---- settings and refusals (no cluster needed) --------------------------------------------------------------
+@pytest.mark.parametrize(("kw", "words"), [({"actors": 0}, "actors (--ray-actors)"), ({"cpus": 0}, "cpus"),
+                                          ({"gpus": -1}, "gpus"), ({"task_size": 0}, "task_size"),
+                                          ({"address": " "}, "Ray address")])
+def test_ray_settings_refuse_bad_values(kw, words):
+    with pytest.raises(ValueError, match=words):
+        RaySettings(**kw)
+
+
+def test_cli_refuses_bad_ray_options_before_any_work(corpus, tmp_path):
+    from glimr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["index", "build", str(corpus), "--index", str(tmp_path / "idx"), "--ray-actors", "0"])
+    assert e.value.code == 2
+    r = subprocess.run([sys.executable, "-m", "glimr", "index", "build", str(corpus), "--index",
+                        str(tmp_path / "idx"), "--ray", "--coattention"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "--coattention cannot be combined with --ray" in r.stderr
+    assert not (tmp_path / "idx").exists()  # refused before anything was written
