@@ -33,7 +33,7 @@ from glimr.index.ray import RaySettings, build_index_ray
 from glimr.index.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = Path(sys.executable).with_name("ray")
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]   # the `ray` command of this interpreter
 MARK = "GLIMR_RAY_TEST_CLUSTER"
 KW = {"model_name": "gem-lite0", "max_size": 128, "workers": 0, "precision": "fp32", "chunk_size": 16}
 BAD = {"truncated.jpg": "corrupt or truncated", "empty.jpg": "empty (0 bytes)",
@@ -131,9 +131,9 @@ def ray_cluster():
     port = _free_port()
     node = ["--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1"]
-    cmds = [[str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+    cmds = [[*RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
              f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}", *node],
-            [str(RAY), "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={_free_port()}",
+            [*RAY, "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={_free_port()}",
              *node]]
     cluster = Cluster(cmds, env, f"127.0.0.1:{port}", token)
     try:
