@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
+    # the local Ray this starts authenticates with a token of its own, passed by environment, so that Ray does not
+    # write one into ~/.ray/auth_token (where it would change how later `ray start` clusters of this user behave)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
     src = sorted((DATA / "ukbench").glob("*.jpg"))[: args.images]
     work = Path(tempfile.mkdtemp(prefix="glimr-rayb-"))

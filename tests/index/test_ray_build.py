@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -125,9 +126,14 @@ def ray_cluster():
     report, 100 MB object stores, free ports); the worker processes import this worktree's glimr."""
     token = uuid.uuid4().hex
     temp = Path(tempfile.mkdtemp(prefix="glimr-ray-", dir="/tmp"))  # short: Ray's unix sockets live there
+    # token authentication with a token of this session's own, given to the nodes and to the drivers (this
+    # process and the `glimr` processes it starts) by environment: no ~/.ray/auth_token is read or written
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({MARK: token, "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                "RAY_USAGE_STATS_ENABLED": "0"})
+                "RAY_USAGE_STATS_ENABLED": "0", **auth})
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     port = _free_port()
     node = ["--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1"]
@@ -141,6 +147,11 @@ def ray_cluster():
     finally:
         cluster._thread.join(timeout=200)
         _stop(token)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(temp, ignore_errors=True)
 
 
