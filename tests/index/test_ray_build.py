@@ -335,3 +335,14 @@ def test_cli_refuses_bad_ray_options_before_any_work(corpus, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "--coattention cannot be combined with --ray" in r.stderr
     assert not (tmp_path / "idx").exists()  # refused before anything was written
+
+
+def test_missing_ray_is_a_clear_error(corpus, tmp_path):
+    """Without the `ray` package (hidden from this interpreter), --ray says how to install it; nothing written."""
+    code = ("import sys; sys.modules['ray'] = None; from glimr.cli import main; "
+            f"sys.exit(main(['index', 'build', {str(corpus)!r}, '--index', {str(tmp_path / 'idx')!r}, '--ray']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2, r.stderr
+    assert "glimr index: error: --ray needs the `ray` package: pip install 'glimr[ray]'" in r.stderr, r.stderr
+    assert not (tmp_path / "idx").exists()
