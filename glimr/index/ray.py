@@ -156,6 +156,7 @@ class EmbedWorker:
         self.settings = settings
         self.model = build_model(spec["name"], checkpoint=spec["checkpoint"], weights=spec["weights"],
                                  warn_untrained=False, **spec.get("head_kwargs", {}))
+        self.fingerprint = model_fingerprint(self.model)
         self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
         self.model = self.model.to(self.device).eval()
 
@@ -165,8 +166,8 @@ class EmbedWorker:
         import glimr
 
         return {"pid": os.getpid(), "host": os.uname().nodename, "node": ray.get_runtime_context().get_node_id(),
-                "version": glimr.__version__,
-                "fingerprint": model_fingerprint(self.model), "dim": int(self.model.dim), "device": self.device}
+                "version": glimr.__version__, "fingerprint": self.fingerprint, "dim": int(self.model.dim),
+                "device": self.device}
 
     def embed(self, paths: list[str]) -> tuple[np.ndarray, dict[int, str], list[str | None]]:
         from glimr.extract.multiscale import extract
