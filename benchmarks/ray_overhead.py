@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
     src = sorted((DATA / "ukbench").glob("*.jpg"))[: args.images]
-    work = Path(tempfile.mkdtemp(prefix="glimr-rayb-"))
+    work = Path(tempfile.mkdtemp(prefix="glimr-rayb-", dir="/tmp"))  # short: Ray's unix sockets live there
+    os.environ.setdefault("RAY_TMPDIR", str(work))  # the local Ray's session files go with the work folder
     images = work / "images"
     images.mkdir()
     for p in src:

@@ -285,19 +285,21 @@ def test_killed_driver_resumes_with_nothing_lost_or_duplicated(ray_cluster, corp
     cmd = [sys.executable, "-m", "glimr", "index", "build", str(root), "--index", str(d), "--ray",
            ray_cluster.address, "--model", "gem-lite0", "--max-size", "128", "--workers", "0", "--precision",
            "fp32", "--chunk-size", "16"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         end = time.monotonic() + 240
         while time.monotonic() < end and proc.poll() is None and _n_committed(d) < 16:
             time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         proc.kill()                                    # the driver dies between or inside commits
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        proc.stderr.close()
+    assert "ray: 2 workers on 2 nodes" in log.read_text()
     n = _n_committed(d)
     assert 16 <= n < 96, n
     rep = build_index_ray(root, d, lite0_gem, ray_settings=_settings(ray_cluster), progress=False, **KW)
