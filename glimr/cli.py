@@ -166,6 +166,13 @@ def cmd_index_build(args) -> int:
         ca = LocalConfig.named(args.ca_config, **{k: v for k, v in given.items() if v is not None})
         ca = LocalConfig(**{**ca.to_json(), "proxy_dim": min(64, ca.dim), "pca_whiten": args.ca_pca_whiten})
     settings = extract_settings_from_args(args)  # validated before the model is even built
+    from glimr.index.ray import import_ray, settings_from_args
+
+    ray_settings = settings_from_args(args)
+    if ray_settings is not None:
+        if ca is not None:
+            raise ValueError("--coattention cannot be combined with --ray yet: build this index without --ray")
+        import_ray()  # installed, or a clear error before any work
     if not Path(args.images_dir).is_dir():
         _list_or_error(Path(args.images_dir))  # FileNotFoundError / NotADirectoryError naming it
     model = load_model_from_args(args)
@@ -175,8 +182,14 @@ def cmd_index_build(args) -> int:
     index_settings = IndexSettings(dim=int(model.dim), factory=args.factory, chunk_size=args.chunk_size,
                                    coattention=ca_json)  # tries the FAISS factory on a dummy index
     try:
-        rep = build_index(args.images_dir, args.index, model, settings=settings, index_settings=index_settings,
-                          prune=args.prune, ca_samples=args.ca_samples, ca_sample_count=args.ca_sample_count)
+        if ray_settings is not None:
+            from glimr.index.ray import build_index_ray
+
+            rep = build_index_ray(args.images_dir, args.index, model, ray_settings=ray_settings, weights=args.weights,
+                                  settings=settings, index_settings=index_settings, prune=args.prune)
+        else:
+            rep = build_index(args.images_dir, args.index, model, settings=settings, index_settings=index_settings,
+                              prune=args.prune, ca_samples=args.ca_samples, ca_sample_count=args.ca_sample_count)
     except PermissionError as e:
         print(f"glimr index build: error: {e}", file=sys.stderr)
         return 2
@@ -334,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--model gem-lite0 --scales 3\n"
                                     "  glimr index build photos/ --index ca-index --coattention --diffusion "
                                     "--scales 0.3536,0.5,0.7071,1,1.4142\n"
-                                    "  glimr index build other/ --index my-index --prune   (really drop the rest)\n\n"
+                                    "  glimr index build other/ --index my-index --prune   (really drop the rest)\n"
+                                    "  glimr index build /nfs/photos --index my-index --ray head-node:6379   (on a "
+                                    "Ray cluster; the images on shared storage, same path on every node)\n\n"
                                     "Dead vector rows (removed or changed images) are compacted away when they "
                                     "exceed half of vectors.f32; `glimr index compact` does it now.")
     b.add_argument("images_dir")
@@ -373,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--ca-sample-count", type=int_in(1, 1000000), default=1000, help="sample images used at most")
     ca.add_argument("--diffusion", action="store_true", help="build (or refresh) the database k-NN graph")
     ca.add_argument("--diffusion-k", type=int_in(1, 1000), default=None, help="graph neighbours (default 50)")
+    from glimr.index import ray as ray_build
+
+    ray_build.add_cli_args(b)  # --ray [ADDRESS], --ray-actors, --ray-cpus, --ray-gpus
     b.set_defaults(func=cmd_index_build)
     i = isub.add_parser("info", help="what an index holds", formatter_class=_Formatter,
                         description="example:\n  glimr index info my-index --errors")
@@ -449,6 +467,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors that are the user's or the data's, not glimr's: one line "glimr CMD: error: ...", exit 2."""
     from glimr.data.revisited import GroundTruthError
     from glimr.eval.evaluate import EvalError
+    from glimr.index.ray import RayBuildError
     from glimr.index.store import IndexStoreError
     from glimr.io.images import ImageError
     from glimr.models.backbones import WeightsError
@@ -456,7 +475,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from glimr.train.cache import CacheError
 
     return (ImageError, IndexStoreError, WeightsError, CheckpointError, EvalError, GroundTruthError, CacheError,
-            ValueError, OSError)
+            RayBuildError, ValueError, OSError)
 
 
 def _one_line(e: BaseException) -> str:

@@ -3,13 +3,19 @@
 Order of work, so that a refused or failing build changes nothing: every setting is validated (the settings
 objects, the FAISS factory tried on a dummy index), the folder is listed, the index's lock is taken, the
 removals are checked (--prune), and only then is index.json written and the first chunk committed.
+
+The build is split so that a distributed build (glimr/index/ray.py) shares everything but the embedding:
+:func:`run_build` lists, skips what is already indexed, removes what is gone, and commits each chunk's
+:class:`Shard` with :func:`commit_shard` (bad-file reporting, rows, one transaction); an *embedder* turns the
+chunks' file lists into shards, in order (:func:`embed_local` here, Ray actors there).
 """
 from __future__ import annotations
 
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,24 @@ class BuildReport:
         return s
 
 
+@dataclass
+class Shard:
+    """One chunk's embedding, as an embedder returns it: a row per file given (zero rows for the files that
+    failed), the failures by position (the message names the file), and, when the embedder read the files
+    itself (Ray workers), their content hashes (None: the driver hashes them)."""
+    descriptors: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    hashes: list[str | None] | None = None
+    records: np.ndarray | None = None   # co-attention records of the files that did not fail
+
+
+# one chunk's (path, relative path, stat or None, precomputed hash or, when stat failed, the error)
+TodoItem = tuple[Path, str, "os.stat_result | None", "str | None"]
+#: an embedder: the chunks' lists of files (lazily, in order) and the co-attention parameters (or None) ->
+#: one Shard per list, in the same order
+Embedder = Callable[[Iterable[list[Path]], "CoAttentionParams | None"], Iterator[Shard]]
+
+
 def make_settings(model, *, model_name: str | None = None, checkpoint: str | None = None, scales=(1.0,),
                   max_size: int = 512, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "Flat", chunk_size: int = 256,
@@ -64,6 +88,21 @@ def make_settings(model, *, model_name: str | None = None, checkpoint: str | Non
     if coattention is not None:
         ca_json = {"config": coattention.to_json(), "record_bytes": coattention.codec().nbytes}
     return ex, IndexSettings(dim=int(model.dim), factory=factory, chunk_size=chunk_size, coattention=ca_json)
+
+
+def resolve_build_settings(model, settings: ExtractSettings | None, index_settings: IndexSettings | None,
+                           loose: dict) -> tuple[ExtractSettings, IndexSettings]:
+    """The settings objects of a build: given, or made from make_settings' keywords (never both), checked
+    against the model's dimension."""
+    if (settings is None) != (index_settings is None):
+        raise ValueError("give both settings= and index_settings=, or neither")
+    if settings is None:
+        settings, index_settings = make_settings(model, **loose)
+    elif loose:
+        raise ValueError(f"give the settings objects or the keywords {sorted(loose)}, not both")
+    if int(model.dim) != index_settings.dim:
+        raise ValueError(f"the model makes {model.dim}-d descriptors but the index settings say {index_settings.dim}")
+    return settings, index_settings
 
 
 def build_index(images_dir: str | Path, index_dir: str | Path, model, *, settings: ExtractSettings | None = None,
@@ -84,14 +123,34 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
 
     prune: allow a build that removes more than half of the index's images (or all of them).
     compact_fraction: compact vectors.f32 when more than this share of its rows is dead."""
-    if (settings is None) != (index_settings is None):
-        raise ValueError("give both settings= and index_settings=, or neither")
-    if settings is None:
-        settings, index_settings = make_settings(model, **loose)
-    elif loose:
-        raise ValueError(f"give the settings objects or the keywords {sorted(loose)}, not both")
-    if int(model.dim) != index_settings.dim:
-        raise ValueError(f"the model makes {model.dim}-d descriptors but the index settings say {index_settings.dim}")
+    settings, index_settings = resolve_build_settings(model, settings, index_settings, loose)
+    return run_build(images_dir, index_dir, settings, index_settings,
+                     embed=lambda batches, ca: embed_local(model, settings, batches, ca), prune=prune,
+                     progress=progress, compact_fraction=compact_fraction, model=model, ca_samples=ca_samples,
+                     ca_sample_count=ca_sample_count, ca_sample_scales=ca_sample_scales)
+
+
+def embed_local(model, settings: ExtractSettings, batches: Iterable[list[Path]],
+                ca: CoAttentionParams | None) -> Iterator[Shard]:
+    """The local embedder: each list of files through ``extract`` (or ``extract_local``) in this process."""
+    for items in batches:
+        if ca is None:
+            res = extract(model, items, settings=settings, progress=False, report_errors=False)
+            yield Shard(res.descriptors, res.errors)
+            continue
+        res, locs = extract_local(model, items, cfg=ca.cfg, settings=settings, progress=False,
+                                  report_errors=False)
+        records = np.stack([ca.encode(locs[j]) for j in range(len(items)) if j not in res.errors]) \
+            if len(locs) else np.zeros(0, dtype=ca.codec.record)
+        yield Shard(res.descriptors, res.errors, records=records)
+
+
+def run_build(images_dir: str | Path, index_dir: str | Path, settings: ExtractSettings,
+              index_settings: IndexSettings, *, embed: Embedder, prune: bool = False, progress: bool = True,
+              compact_fraction: float = COMPACT_FRACTION, model=None, ca_samples=None, ca_sample_count: int = 1000,
+              ca_sample_scales=(1.0,)) -> BuildReport:
+    """A build with any embedder (see the module doc); ``model`` is needed only to learn co-attention
+    parameters when an index with co-attention features is created."""
     if not 0 <= compact_fraction <= 1:
         raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction!r}")
     root = Path(images_dir)
@@ -127,9 +186,11 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
         store.save_config()
         ca = None
         if store.config.coattention:
+            if model is None:
+                raise ValueError("an index with co-attention features needs the model here to learn its parameters")
             ca = _coattention_params(store, model, files, ca_samples, ca_sample_count, ca_sample_scales,
                                      settings=settings.replace(scales=tuple(ca_sample_scales)), progress=progress)
-        todo: list[tuple[Path, str, os.stat_result | None, str | None]] = []
+        todo: list[TodoItem] = []
         scan = tqdm(listed, desc="scan", unit="file", disable=not progress or len(listed) < 2000,
                     dynamic_ncols=True)
         for p, rel in scan:
@@ -154,35 +215,18 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
             store.remove(gone)
             rep.removed = len(gone)
         chunk_size = index_settings.chunk_size
+        chunks = [todo[start:start + chunk_size] for start in range(0, len(todo), chunk_size)]
+        batches = ([p for p, _, st, _ in chunk if st is not None] for chunk in chunks)  # not those stat() refused
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress, dynamic_ncols=True)
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            readable = [j for j, c in enumerate(chunk) if c[2] is not None]  # the others failed stat()
-            records = None
-            items = [chunk[j][0] for j in readable]
-            if ca is None:
-                res = extract(model, items, settings=settings, progress=False, report_errors=False)
-            else:
-                res, locs = extract_local(model, items, cfg=ca.cfg, settings=settings, progress=False,
-                                          report_errors=False)
-                records = np.stack([ca.encode(locs[j]) for j in range(len(items)) if j not in res.errors]) \
-                    if len(locs) else np.zeros(0, dtype=ca.codec.record)
-            errs = {readable[j]: e for j, e in res.errors.items()}
-            rows = []
-            for j, (p, rel, st, h) in enumerate(chunk):
-                err = errs.get(j) if st is not None else h  # for unstat-able files h holds the reason
-                if err is not None:
-                    err = db_path(err)
-                    tqdm.write(f"skipped: {err}", file=sys.stderr)
-                    rep.errors += 1
-                if st is None:
-                    rows.append(Row(rel, None, -1, -1.0, "error", err, None))
-                    continue
-                rows.append(Row(rel, h or (None if err else _hash_or_none(p, st)), st.st_size, st.st_mtime,
-                                "error" if err else "ok", err, None))
-            store.commit_chunk(rows, res.descriptors[res.ok], records)
-            rep.added += sum(r.status == "ok" for r in rows)
-            bar.update(len(chunk))
+        shards = embed(batches, ca) if chunks else iter(())
+        try:
+            for chunk, shard in zip(chunks, shards, strict=True):
+                commit_shard(store, chunk, shard, rep)
+                bar.update(len(chunk))
+        finally:
+            close = getattr(shards, "close", None)
+            if close is not None:
+                close()  # an embedder's generator frees its workers even when a commit failed
         bar.close()
         dead = store.dead_vectors()
         if dead and dead > compact_fraction * store.n_vectors:
@@ -192,6 +236,33 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
         share_files(store.dir)
         rep.total = store.stats()["images"]
     return rep
+
+
+def commit_shard(store: IndexStore, chunk: list[TodoItem], shard: Shard, rep: BuildReport) -> None:
+    """Commit one chunk (one transaction, IndexStore.commit_chunk): its files' rows, the embedded ones with
+    their vectors, the failed ones reported on stderr ("skipped: ...") and kept as error rows."""
+    readable = [j for j, c in enumerate(chunk) if c[2] is not None]  # the others failed stat()
+    if len(shard.descriptors) != len(readable):
+        raise ValueError(f"the embedder returned {len(shard.descriptors)} rows for {len(readable)} files")
+    errs = {readable[j]: e for j, e in shard.errors.items()}
+    hashes = {readable[j]: h for j, h in enumerate(shard.hashes)} if shard.hashes is not None else None
+    rows = []
+    for j, (p, rel, st, h) in enumerate(chunk):
+        err = errs.get(j) if st is not None else h  # for unstat-able files h holds the reason
+        if err is not None:
+            err = db_path(err)
+            tqdm.write(f"skipped: {err}", file=sys.stderr)
+            rep.errors += 1
+        if st is None:
+            rows.append(Row(rel, None, -1, -1.0, "error", err, None))
+            continue
+        if not h and not err:
+            h = hashes[j] if hashes is not None else _hash_or_none(p, st)
+        rows.append(Row(rel, h or None, st.st_size, st.st_mtime, "error" if err else "ok", err, None))
+    ok = np.ones(len(readable), dtype=bool)
+    ok[list(shard.errors)] = False
+    store.commit_chunk(rows, shard.descriptors[ok], shard.records)
+    rep.added += sum(r.status == "ok" for r in rows)
 
 
 def compact_index(index_dir: str | Path, progress: bool = True) -> int:
