@@ -62,7 +62,7 @@ def make_settings(model, *, model_name: str | None = None, checkpoint: str | Non
 def build_index(images_dir: str | Path, index_dir: str | Path, model, *, settings: ExtractSettings | None = None,
                 index_settings: IndexSettings | None = None, prune: bool = False, progress: bool = True,
                 ca_samples=None, ca_sample_count: int = 1000, ca_sample_scales=(1.0,),
-                compact_fraction: float = COMPACT_FRACTION, **loose) -> BuildReport:
+                compact_fraction: float = COMPACT_FRACTION, files=None, **loose) -> BuildReport:
     """Index (or update) ``images_dir``.
 
     settings / index_settings: the validated settings objects (``make_settings``); callers may instead pass
@@ -73,7 +73,9 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
     ``ca_sample_count`` images of ``images_dir``) at ``ca_sample_scales``, and kept in INDEX/coattention/.
 
     prune: allow a build that removes more than half of the index's images (or all of them).
-    compact_fraction: compact vectors.f32 when more than this share of its rows is dead."""
+    compact_fraction: compact vectors.f32 when more than this share of its rows is dead.
+    files: index exactly these image files (all under ``images_dir``; e.g. the images a training CSV lists)
+    instead of every image under it; indexed images not among them count as removed."""
     if (settings is None) != (index_settings is None):
         raise ValueError("give both settings= and index_settings=, or neither")
     if settings is None:
@@ -86,7 +88,14 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
         raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction!r}")
     root = Path(images_dir)
     unscanned: list[tuple[Path, str]] = []
-    files = list_images(root, unreadable=unscanned)
+    if files is None:
+        files = list_images(root, unreadable=unscanned)
+    else:
+        files = sorted({Path(p) for p in files})
+        outside = [p for p in files if not p.is_relative_to(root)]
+        if outside:
+            raise ValueError(f"'{outside[0]}' is not under the image folder '{root}': the files to index must be "
+                             "inside it")
     cfg = IndexConfig(settings, index_settings, root=str(root.resolve()))
     rep = BuildReport()
     with IndexStore.for_build(index_dir, cfg) as store:
