@@ -247,7 +247,7 @@ def apply_decisions(audit_dir, decisions, out_csv, *, log=print) -> dict:
           "confirmed by review", "",
           "| EVAL | #EVAL IMG | #DUPL EVAL | #DUPL TRAIN GID | #DUPL TRAIN IMG |", "|---|---:|---:|---:|---:|"]
     for r in table + [total]:
-        pct = f" ({100 * r['dupl_eval'] / r['eval_images']:.0f}%)" if r["eval_images"] else ""
+        pct = f" ({100 * r['dupl_eval'] / r['eval_images']:.0f}%)" if r["eval_images"] and r is not total else ""
         md.append(f"| {r['eval']} | {r['eval_images']} | {r['dupl_eval']}{pct} | {r['dupl_gid']} | {r['dupl_img']} |")
     md += ["", "Table 3 form: the training set before and after", "",
            "| TRAINING SET | #IMAGES | #CATEGORIES |", "|---|---:|---:|",

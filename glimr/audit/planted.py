@@ -39,8 +39,8 @@ def _augment(img, rng: random.Random, size: int):
     w, h = img.size
     area = rng.uniform(0.55, 1.0)
     ar = rng.uniform(3 / 4, 4 / 3)
-    cw = min(w, int(round((area * w * h * ar) ** 0.5)))
-    ch = min(h, int(round((area * w * h / ar) ** 0.5)))
+    cw = min(w, round((area * w * h * ar) ** 0.5))
+    ch = min(h, round((area * w * h / ar) ** 0.5))
     x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
     img = img.crop((x0, y0, x0 + cw, y0 + ch)).rotate(rng.uniform(-12, 12), resample=Image.Resampling.BICUBIC,
                                                       expand=False, fillcolor=(128, 128, 128))
