@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     d = AuditSettings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench-data/audit-planted")
-    ap.add_argument("--train-photos", type=int, default=300)
-    ap.add_argument("--views", type=int, default=3)
-    ap.add_argument("--negatives", type=int, default=150)
+    ap.add_argument("--train-photos", type=int, default=150)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--negatives", type=int, default=80)
     ap.add_argument("--model", default=None, help="default: glimr's default model")
     ap.add_argument("--top", type=int, default=d.top)
     ap.add_argument("--max-size", type=int, default=512)
@@ -180,15 +180,15 @@ def _markdown(r) -> str:
     t = r["time"]
     lines = [
         "# glimr audit: planted-overlap benchmark", "",
-        f"`{r['command']}` on {r['machine']}; model {r['model']} (max side {r['max_size']}), "
+        (f"`{r['command']}` on {r['machine']}; model {r['model']} (max side {r['max_size']}), "
         f"top {r['settings']['top']}, default min_inliers {r['settings']['min_inliers']}, "
-        f"min_images {r['settings']['min_images']}.", "",
-        f"Training set: {r['train_images']} images in {r['train_classes']} classes (photo classes, 10 planted and "
+        f"min_images {r['settings']['min_images']}."), "",
+        (f"Training set: {r['train_images']} images in {r['train_classes']} classes (photo classes, 10 planted and "
         f"10 decoy UKBench objects); eval: {r['eval_images']} images (Clutter-UKB recipe, 10 planted + 20 other "
         f"objects, negatives); {r['pairs']} pairs verified: {r['true_pairs']} true (eval image shows the planted "
-        f"class), {r['false_pairs']} false.", "",
-        f"Eval images showing a planted object: {r['eval_images_showing_planted']}; the planted class was in the "
-        f"global top {r['settings']['top']} for {r['of_which_class_retrieved_in_top']} of them.", "",
+        f"class), {r['false_pairs']} false."), "",
+        (f"Eval images showing a planted object: {r['eval_images_showing_planted']}; the planted class was in the "
+        f"global top {r['settings']['top']} for {r['of_which_class_retrieved_in_top']} of them."), "",
         "| pairs | n | min | median | p90 | p99 | max | >= default |", "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, key in (("true", "true_inliers"), ("false", "false_inliers")):
@@ -196,8 +196,8 @@ def _markdown(r) -> str:
         n_at = r[f"{k}_pairs_at_or_above_default"]
         lines.append(f"| {k} | {s.get('n', 0)} | {s.get('min')} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} | "
                      f"{s.get('max')} | {n_at} |")
-    lines += ["", f"At the defaults: {r['default_planted_flagged']} of 10 planted classes flagged, false classes: "
-              f"{r['default_false_classes'] or 'none'}.", "",
+    lines += ["", (f"At the defaults: {r['default_planted_flagged']} of 10 planted classes flagged, false classes: "
+              f"{r['default_false_classes'] or 'none'}."), "",
               "Flagged classes over thresholds (planted flagged / false classes):", "",
               "| min_inliers | min_images=1 | min_images=2 |", "|---:|---|---|"]
     by = {}
@@ -207,12 +207,12 @@ def _markdown(r) -> str:
     for mi, v in by.items():
         lines.append(f"| {mi} | {v.get(1)} | {v.get(2)} |")
     lines += ["", "Time per eval image on this CPU (2 cores shared with other jobs):", "",
-              f"- retrieval (global descriptor + FAISS top {r['settings']['top']}): "
-              f"{t['retrieval_s_per_eval_image']:.3f} s",
-              f"- verification of its {r['settings']['top']} candidates, cold (local features of the eval image "
-              f"and of every new training candidate extracted): {t['verification_s_per_eval_image_cold']:.3f} s",
-              f"- verification of its {r['settings']['top']} candidates, warm (features from the disk cache: "
-              f"matching + RANSAC only): {t['verification_s_per_eval_image_warm']:.3f} s",
+              (f"- retrieval (global descriptor + FAISS top {r['settings']['top']}): "
+              f"{t['retrieval_s_per_eval_image']:.3f} s"),
+              (f"- verification of its {r['settings']['top']} candidates, cold (local features of the eval image "
+              f"and of every new training candidate extracted): {t['verification_s_per_eval_image_cold']:.3f} s"),
+              (f"- verification of its {r['settings']['top']} candidates, warm (features from the disk cache: "
+              f"matching + RANSAC only): {t['verification_s_per_eval_image_warm']:.3f} s"),
               f"- training index build: {t['index_build_s']:.0f} s for {r['train_images']} images", "",
               "Plot: audit_inliers.png (log counts; x linear to 30 inliers, logarithmic above).", ""]
     return "\n".join(lines)

@@ -25,8 +25,17 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from glimr.audit.overlap import (AuditSettings, EvalSet, build_train_index, flag_classes, load_eval_set, retrieve,
-                                 train_lookup, unique_names, work_key)
+from glimr.audit.overlap import (
+    AuditSettings,
+    EvalSet,
+    build_train_index,
+    flag_classes,
+    load_eval_set,
+    retrieve,
+    train_lookup,
+    unique_names,
+    work_key,
+)
 from glimr.io.atomic import atomic_write_bytes
 
 __all__ = ["apply_decisions", "run_audit"]
@@ -95,8 +104,9 @@ def run_audit(train_csv, images, against: list[str], out, model, extract_setting
                 hashes[i] = r.hash
         for s in sets:
             listing = [[e.name, str(e.path), e.box] for e in s.images]
-            kr = work_key("retrieval", store.config.to_json(), store.n_vectors, store.stats()["images"], listing,
-                          settings.top, settings.chunk)
+            ex = store.config.extract
+            kr = work_key("retrieval", [ex.model, ex.checkpoint_sha256, list(ex.scales), ex.max_size], store.n_vectors,
+                          store.stats()["images"], listing, settings.top, settings.chunk)
             kv = work_key("verify", asdict(cfg), csv_id, settings.chunk)
             wdir = out / "work" / f"{s.name}-{kr}"
             rows = retrieve(s, store, model, wdir / "retrieval", settings, progress=progress,
@@ -188,7 +198,7 @@ def read_decisions(path, audit_id: str) -> dict[str, str]:
     except (OSError, ValueError) as e:
         raise ValueError(f"'{p}' is not a readable decisions file ({e}); export it again from review.html") from None
     if not isinstance(d, dict) or not isinstance(d.get("decisions"), dict):
-        raise ValueError(f"'{p}': expected {{\"audit\": ..., \"decisions\": {{landmark_id: \"confirm\" | "
+        raise ValueError(f"'{p}': expected {{\"audit\": ..., \"decisions\": {{landmark_id: \"confirm\" | "  # noqa: TRY004
                          f"\"reject\"}}}} as review.html exports it")
     if d.get("audit") not in (None, audit_id):
         raise ValueError(f"'{p}' holds decisions of audit {d.get('audit')!r}, but this AUDIT_DIR is audit "
@@ -243,8 +253,8 @@ def apply_decisions(audit_dir, decisions, out_csv, *, log=print) -> dict:
     total = {"eval": "TOTAL", "eval_images": tot_eval, "dupl_eval": tot_dupl, "dupl_gid": len(confirmed),
              "dupl_img": sum(sizes[g] for g in confirmed), "gids": sorted(confirmed)}
     name = Path(out_csv).name
-    md = ["Table 2 form (CiDeR/RGLDv2-clean): duplicate landmarks between the eval sets and the training set, "
-          "confirmed by review", "",
+    md = [("Table 2 form (CiDeR/RGLDv2-clean): duplicate landmarks between the eval sets and the training set, "
+          "confirmed by review"), "",
           "| EVAL | #EVAL IMG | #DUPL EVAL | #DUPL TRAIN GID | #DUPL TRAIN IMG |", "|---|---:|---:|---:|---:|"]
     for r in table + [total]:
         pct = f" ({100 * r['dupl_eval'] / r['eval_images']:.0f}%)" if r["eval_images"] and r is not total else ""

@@ -2,24 +2,14 @@
 every planted class flagged, at most one false class, at the default thresholds; outputs; resume; reuse."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
 from glimr.audit.overlap import DEFAULT_MIN_INLIERS, AuditSettings, flag_classes
-from glimr.cli import main
 
 
 def _classes(audit_dir):
     return json.loads((audit_dir / "flagged.json").read_text())["classes"]
-
-
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_every_planted_class_is_flagged_and_at_most_one_false_class(planted, planted_audit):
@@ -59,7 +49,7 @@ def test_candidates_hold_every_verified_pair_and_true_pairs_beat_false_ones(plan
     assert {c["landmark_id"] for c in strict} <= {c["landmark_id"] for c in _classes(audit_dir)}
 
 
-def test_a_rerun_resumes_from_the_committed_chunks(planted, planted_audit, audit_args, tmp_path):
+def test_a_rerun_resumes_from_the_committed_chunks(planted, planted_audit, audit_fn, tmp_path):
     """A copy of the audit whose last verification chunk was never committed (as if killed): the rerun embeds
     nothing, retrieves nothing, verifies only that chunk, and gives the same result."""
     audit_dir, _ = planted_audit
@@ -70,18 +60,16 @@ def test_a_rerun_resumes_from_the_committed_chunks(planted, planted_audit, audit
     assert len(ver) == len(ret) == 3          # 34 eval images in chunks of 16
     ver[-1].unlink()
     before = {p: p.stat().st_mtime_ns for p in ver[:-1] + ret}
-    rc, out, _ = _run(["audit", planted["train_csv"], "--images", planted["images"], "--against", planted["eval"],
-                       "--out", str(copy), *audit_args])
-    assert rc == 0
-    assert "0 added, 70 unchanged" in out
+    _, out = audit_fn(planted["train_csv"], planted["images"], [planted["eval"]], copy)
+    assert "0 added, 42 unchanged" in out
     assert {p: p.stat().st_mtime_ns for p in before} == before and ver[-1].is_file()
     assert json.loads((copy / "candidates.json").read_text()) == \
         json.loads((audit_dir / "candidates.json").read_text())
     assert _classes(copy) == _classes(audit_dir)
 
 
-def test_a_second_audit_reuses_the_training_index_and_skips_a_bad_eval_image(planted, planted_audit, audit_args,
-                                                                              tmp_path):
+def test_a_second_audit_reuses_the_training_index_and_skips_a_bad_eval_image(planted, planted_audit, audit_fn,
+                                                                              tmp_path, capsys):
     audit_dir, _ = planted_audit
     index = tmp_path / "shared-index"
     shutil.copytree(audit_dir / "train-index", index)
@@ -90,11 +78,9 @@ def test_a_second_audit_reuses_the_training_index_and_skips_a_bad_eval_image(pla
     for name in ("q0003.jpg", "q0008.jpg"):   # a planted object's clean view, another object's
         shutil.copy(f"{planted['eval']}/query/{name}", folder / name)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    rc, out, err = _run(["audit", planted["train_csv"], "--images", planted["images"], "--against", str(folder),
-                         "--out", str(tmp_path / "audit2"), "--index", str(index), *audit_args])
-    assert rc == 0, err
-    assert "0 added, 70 unchanged" in out           # embedded once, reused
-    assert "broken.jpg" in err                      # reported, and the audit went on
+    _, out = audit_fn(planted["train_csv"], planted["images"], [str(folder)], tmp_path / "audit2", index_dir=index)
+    assert "0 added, 42 unchanged" in out           # embedded once, reused
+    assert "broken.jpg" in capsys.readouterr().err  # reported, and the audit went on
     assert [c["landmark_id"] for c in _classes(tmp_path / "audit2")] == ["900003"]
     a = json.loads((tmp_path / "audit2" / "audit.json").read_text())
     assert a["eval_sets"][0]["unreadable"] == 1 and a["eval_sets"][0]["eval_images"] == 3

@@ -78,7 +78,7 @@ def test_review_page_confirm_export_and_apply(browser, planted, planted_audit, t
     p2.goto(page_file.as_uri())
     assert p2.locator("#progress").inner_text() == f"0 of {len(classes)} decided"
     p2.set_input_files("#load", str(decisions))
-    p2.wait_for_function(f"document.getElementById('progress').textContent.startsWith('2 of')")
+    p2.wait_for_function("document.getElementById('progress').textContent.startsWith('2 of')")
     assert "rejected" in p2.locator("section.class").nth(1).get_attribute("class")
     ctx2.close()
 
