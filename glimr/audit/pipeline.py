@@ -65,7 +65,6 @@ def run_audit(train_csv, images, against: list[str], out, model, extract_setting
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out '{out}' is a file: give a folder for the audit")
-    out.mkdir(parents=True, exist_ok=True)
     old = _read_audit(out) if (out / "audit.json").is_file() else None
     audit_id = old["audit_id"] if old else uuid.uuid4().hex[:12]
     warnings: list[str] = []
@@ -75,12 +74,13 @@ def run_audit(train_csv, images, against: list[str], out, model, extract_setting
         print(f"warning: {msg}", file=sys.stderr)
 
     train = load_gldv2(train_csv, images, progress=progress, warn=warn)
+    sets: list[EvalSet] = [load_eval_set(s, root) for s in against]   # every input checked before any write
+    out.mkdir(parents=True, exist_ok=True)
     miss_file = out / "missing_train_images.txt"
     if train.missing:
         atomic_write_bytes(miss_file, "".join(f"{i},{lm},line {ln}\n" for i, lm, ln in train.missing).encode())
     elif miss_file.exists():
         miss_file.unlink()
-    sets: list[EvalSet] = [load_eval_set(s, root) for s in against]
     unique_names(sets)
     for s in sets:
         for n in s.notes:
