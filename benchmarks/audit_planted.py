@@ -6,7 +6,7 @@ of thresholds, and the time per eval image for retrieval and for the verificatio
 The data (glimr.audit.planted, deterministic): a GLDv2-format training set of TRAIN_PHOTOS real photos, each its
 own class with VIEWS augmented views, plus 10 planted UKBench objects and 10 decoy UKBench objects (2 augmented
 views each); an eval set built as Clutter-UKB is (clean query view + the other 3 views pasted small into real
-photos, plus negatives), of the 10 planted objects and 20 others, with backgrounds from the other half of the
+photos, plus NEGATIVES), of the 10 planted objects and OTHERS others, with backgrounds from the other half of the
 photos. The audit runs with the default settings (model, top 100, min_inliers) through glimr.audit.pipeline,
 twice: cold (every feature extracted) and warm (verification again with the local features cached on disk).
 
@@ -35,9 +35,10 @@ def main(argv=None) -> int:
     d = AuditSettings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench-data/audit-planted")
-    ap.add_argument("--train-photos", type=int, default=150)
+    ap.add_argument("--train-photos", type=int, default=100)
     ap.add_argument("--views", type=int, default=2)
-    ap.add_argument("--negatives", type=int, default=80)
+    ap.add_argument("--negatives", type=int, default=40)
+    ap.add_argument("--others", type=int, default=10, help="eval objects besides the 10 planted ones")
     ap.add_argument("--model", default=None, help="default: glimr's default model")
     ap.add_argument("--top", type=int, default=d.top)
     ap.add_argument("--max-size", type=int, default=512)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     data = work / "data"
     planted = (3, 11, 17, 24, 31, 42, 50, 57, 63, 71)
     decoys = (5, 14, 22, 29, 36, 45, 54, 60, 66, 73)
-    others = tuple(o for o in range(75) if o not in planted + decoys)[:20]
+    others = tuple(o for o in range(75) if o not in planted + decoys)[:args.others]
     if not (data / "truth.json").is_file():
         shutil.rmtree(data, ignore_errors=True)
         t0 = time.perf_counter()
@@ -184,7 +185,7 @@ def _markdown(r) -> str:
         f"top {r['settings']['top']}, default min_inliers {r['settings']['min_inliers']}, "
         f"min_images {r['settings']['min_images']}."), "",
         (f"Training set: {r['train_images']} images in {r['train_classes']} classes (photo classes, 10 planted and "
-        f"10 decoy UKBench objects); eval: {r['eval_images']} images (Clutter-UKB recipe, 10 planted + 20 other "
+        f"10 decoy UKBench objects); eval: {r['eval_images']} images (Clutter-UKB recipe, 10 planted + other "
         f"objects, negatives); {r['pairs']} pairs verified: {r['true_pairs']} true (eval image shows the planted "
         f"class), {r['false_pairs']} false."), "",
         (f"Eval images showing a planted object: {r['eval_images_showing_planted']}; the planted class was in the "
