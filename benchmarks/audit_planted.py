@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="default: glimr's default model")
     ap.add_argument("--top", type=int, default=d.top)
     ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--timing", type=int, default=0, metavar="N",
+                    help="after a full run: time N eval images (evenly taken) against the same training index, cold "
+                         "(no local feature cached) then warm; updates the JSON's and markdown's timings")
     ap.add_argument("--reuse", action="store_true",
                     help="analyse the existing WORK/audit again (new thresholds); timings from the previous JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "audit_inliers"))
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     settings = AuditSettings(top=args.top)
     audit = work / "audit"
     out = Path(args.out)
+    if args.timing:
+        return _timing(args, truth, audit, settings, model, model_name, ext, out)
     if args.reuse:
         prev = json.loads(out.with_suffix(".json").read_text())
         summary = run_audit(truth["train_csv"], truth["images"], [truth["eval"]], audit, model, ext, settings,
@@ -146,6 +151,46 @@ def _analyse(args, truth, audit, settings, model_name, cold, warm, times, out) -
     return 0
 
 
+def _timing(args, truth, audit, settings, model, model_name, ext, out) -> int:
+    """Time per eval image on N eval images against the full run's training index: retrieval (descriptor +
+    FAISS), verification of the top-k cold (every local feature extracted: the eval image's and each training
+    candidate's) and warm (features from the disk cache); wall and CPU seconds (all threads)."""
+    from glimr.audit.pipeline import run_audit
+
+    t = Path(args.work) / "timing"
+    shutil.rmtree(t, ignore_errors=True)
+    names = sorted(truth["eval_truth"])
+    pick = [names[int(i)] for i in np.linspace(0, len(names) - 1, args.timing).round()]
+    (t / "eval").mkdir(parents=True)
+    for n in pick:
+        shutil.copy(Path(truth["eval"]) / n, t / "eval" / n.replace("/", "_"))
+    shutil.copytree(audit / "train-index", t / "index", ignore=shutil.ignore_patterns("sv"))
+    runs = {}
+    for mode in ("cold", "warm"):
+        if mode == "warm":
+            for v in (t / "audit" / "work").glob("*/verify-*"):
+                shutil.rmtree(v)
+        s = run_audit(truth["train_csv"], truth["images"], [str(t / "eval")], t / "audit", model, ext, settings,
+                      index_dir=t / "index", progress=False, log=lambda m: print(m, file=sys.stderr))
+        runs[mode] = s["eval_sets"][0]
+    c, w = runs["cold"], runs["warm"]
+    res = json.loads(out.with_suffix(".json").read_text())
+    res["time"] = {"eval_images_timed": args.timing, "top": settings.top,
+                   "retrieval_s_per_eval_image": c["retrieval_s_per_image"],
+                   "retrieval_cpu_s_per_eval_image": c["retrieval_cpu_s_per_image"],
+                   "verification_s_per_eval_image_cold": c["verification_s_per_image"],
+                   "verification_cpu_s_per_eval_image_cold": c["verification_cpu_s_per_image"],
+                   "verification_s_per_eval_image_warm": w["verification_s_per_image"],
+                   "verification_cpu_s_per_eval_image_warm": w["verification_cpu_s_per_image"],
+                   "load_average_1min_after": os.getloadavg()[0],
+                   "command": "PYTHONPATH=. python benchmarks/audit_planted.py " + " ".join(sys.argv[1:]),
+                   "full_run": res["time"] if "eval_images_timed" not in res["time"] else res["time"]["full_run"]}
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_markdown(res))
+    print(_markdown(res))
+    return 0
+
+
 def _stats(x) -> dict:
     if not x:
         return {}
@@ -207,14 +252,28 @@ def _markdown(r) -> str:
                                                                 f"{g['false_classes']} false"
     for mi, v in by.items():
         lines.append(f"| {mi} | {v.get(1)} | {v.get(2)} |")
-    lines += ["", "Time per eval image on this CPU (2 cores shared with other jobs):", "",
+    if "eval_images_timed" in t:
+        lines += ["", (f"Time per eval image on this CPU ({r['machine']}; 1-min load average "
+                      f"{t['load_average_1min_after']:.1f} at the end: the machine was shared, so wall times are "
+                      f"inflated; CPU = all threads of the process), {t['eval_images_timed']} eval images against "
+                      f"the {r['train_images']}-image training index (`{t['command']}`):"), "",
+                  "| stage | wall s / eval image | CPU s / eval image |", "|---|---:|---:|",
+                  (f"| retrieval (global descriptor + FAISS top {t['top']}) | {t['retrieval_s_per_eval_image']:.3f} | "
+                  f"{t['retrieval_cpu_s_per_eval_image']:.3f} |"),
+                  (f"| verification of {t['top']} candidates, cold (local features of the eval image and of each "
+                  f"training candidate extracted) | {t['verification_s_per_eval_image_cold']:.3f} | "
+                  f"{t['verification_cpu_s_per_eval_image_cold']:.3f} |"),
+                  (f"| verification of {t['top']} candidates, warm (features from the disk cache: matching + RANSAC) "
+                  f"| {t['verification_s_per_eval_image_warm']:.3f} | {t['verification_cpu_s_per_eval_image_warm']:.3f} |"),
+                  ""]
+        t = t["full_run"]
+    lines += ["", "Full run, wall time per eval image (shared machine):", "",
               (f"- retrieval (global descriptor + FAISS top {r['settings']['top']}): "
               f"{t['retrieval_s_per_eval_image']:.3f} s"),
-              (f"- verification of its {r['settings']['top']} candidates, cold (local features of the eval image "
-              f"and of every new training candidate extracted): {t['verification_s_per_eval_image_cold']:.3f} s"),
-              (f"- verification of its {r['settings']['top']} candidates, warm (features from the disk cache: "
-              f"matching + RANSAC only): {t['verification_s_per_eval_image_warm']:.3f} s"),
-              f"- training index build: {t['index_build_s']:.0f} s for {r['train_images']} images", "",
+              (f"- verification of its {r['settings']['top']} candidates, cold: "
+              f"{t['verification_s_per_eval_image_cold']:.3f} s; warm: {t['verification_s_per_eval_image_warm']:.3f} s"),
+              f"- training index build: {t['index_build_s']:.0f} s for {r['train_images']} images", ""]
+    lines += [
               "Plot: audit_inliers.png (log counts; x linear to 30 inliers, logarithmic above).", ""]
     return "\n".join(lines)
 

@@ -114,14 +114,16 @@ def run_audit(train_csv, images, against: list[str], out, model, extract_setting
             pairs = verify_retrieved(s.name, rows, store, train, lookup, wdir / f"verify-{kv}", out / "features",
                                      settings, progress=progress)
             candidates.extend(pairs)
-            t_ret = sum(_seconds(f) for f in (wdir / "retrieval").glob("*.json"))
-            t_ver = sum(_seconds(f) for f in (wdir / f"verify-{kv}").glob("*.json"))
+            t_ret, c_ret = _seconds((wdir / "retrieval").glob("*.json"))
+            t_ver, c_ver = _seconds((wdir / f"verify-{kv}").glob("*.json"))
             n = len(s.images)
             errors = sum(1 for r in rows if r["error"])
             verified_imgs = {p["eval_image"] for p in pairs if p["inliers"] >= settings.min_inliers}
             per_set.append({"name": s.name, "spec": s.spec, "eval_images": n, "unreadable": errors,
                             "pairs_verified": len(pairs), "eval_images_with_verified_pair": len(verified_imgs),
                             "retrieval_s_per_image": t_ret / max(n, 1), "verification_s_per_image": t_ver / max(n, 1),
+                            "retrieval_cpu_s_per_image": c_ret / max(n, 1),
+                            "verification_cpu_s_per_image": c_ver / max(n, 1),
                             "notes": s.notes})
     class_sizes: dict[str, int] = {}
     for lm in train.landmarks:
@@ -150,11 +152,17 @@ def run_audit(train_csv, images, against: list[str], out, model, extract_setting
     return summary
 
 
-def _seconds(f: Path) -> float:
-    try:
-        return float(json.loads(f.read_bytes()).get("seconds", 0.0))
-    except (OSError, ValueError, AttributeError):
-        return 0.0
+def _seconds(files) -> tuple[float, float]:
+    """Wall and CPU seconds (all threads) recorded in work files, summed."""
+    wall = cpu = 0.0
+    for f in files:
+        try:
+            d = json.loads(f.read_bytes())
+            wall += float(d.get("seconds", 0.0))
+            cpu += float(d.get("cpu_seconds", 0.0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return wall, cpu
 
 
 def summary_text(s: dict, flagged: list[dict], out: Path) -> str:
@@ -165,8 +173,9 @@ def summary_text(s: dict, flagged: list[dict], out: Path) -> str:
     for e in s["eval_sets"]:
         lines.append(f"  {e['name']}: {e['eval_images']} eval images, {e['pairs_verified']} pairs verified, "
                      f"{e['eval_images_with_verified_pair']} eval images with a verified pair; per eval image: "
-                     f"retrieval {e['retrieval_s_per_image']:.3f} s, verification of its candidates "
-                     f"{e['verification_s_per_image']:.3f} s")
+                     f"retrieval {e['retrieval_s_per_image']:.3f} s ({e['retrieval_cpu_s_per_image']:.3f} s CPU), "
+                     f"verification of its candidates {e['verification_s_per_image']:.3f} s "
+                     f"({e['verification_cpu_s_per_image']:.3f} s CPU)")
     lines.append(f"flagged {len(flagged)} classes (ranked by evidence in {out / 'flagged.json'})"
                  + (": " + ", ".join(f"{c['landmark_id']} ({c['eval_images']} eval img, {c['max_inliers']} inliers)"
                                      for c in flagged[:10]) + (" ..." if len(flagged) > 10 else "") if flagged else ""))

@@ -44,7 +44,7 @@ def verify_retrieved(set_name: str, rows: list[dict], store, train, lookup: dict
         f = work / f"{s:07d}.json"
         got = read_json(f)
         if got is None or got.get("n") != e - s:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             chunk = rows[s:e]
             q_cache = FeatureCache(feature_dir, cfg.features)
             t_cache = FeatureCache(store.dir / "sv", cfg.features)
@@ -65,6 +65,7 @@ def verify_retrieved(set_name: str, rows: list[dict], store, train, lookup: dict
             for (j, t, sc), n in zip(cand, inl.tolist()):
                 pairs.append([chunk[j]["eval_image"], train.ids[t], sc, int(n)])
             got = {"n": e - s, "pairs": pairs, "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0,
                    "pairs_verified": len(cand),
                    "errors": {**q_cache.errors, **t_cache.errors}}
             atomic_write_bytes(f, json.dumps(got).encode())
