@@ -125,8 +125,11 @@ def _analyse(args, truth, audit, settings, model_name, cold, warm, times, out) -
     flagged = json.loads((audit / "flagged.json").read_text())["classes"]
     fl_default = {c["landmark_id"] for c in flagged}
     e_cold = cold["eval_sets"][0]
+    command = "PYTHONPATH=. python benchmarks/audit_planted.py " + " ".join(sys.argv[1:])
+    if args.reuse:   # the run that measured keeps its name
+        command = json.loads(out.with_suffix(".json").read_text())["command"]
     res = {
-        "command": "PYTHONPATH=. python benchmarks/audit_planted.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared)",
         "model": model_name, "max_size": args.max_size, "settings": settings.to_json(),
         "train_images": cold["train_images"], "train_classes": cold["train_classes"],
