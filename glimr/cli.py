@@ -452,13 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=8)
     p.set_defaults(func=cmd_demo)
 
+    from glimr.audit import cli as audit_cli
     from glimr.eval import cli as eval_cli
     from glimr.serve import cli as serve_cli
     from glimr.train import cli as train_cli
     from glimr.train import whiten as whiten_cli
     from glimr.viz import cli as viz_cli
 
-    for family in (eval_cli, viz_cli, train_cli, whiten_cli, serve_cli):  # eval + bench, explain, train, whiten, serve
+    for family in (eval_cli, viz_cli, train_cli, whiten_cli, serve_cli, audit_cli):  # eval + bench, explain, train,
+        # whiten, serve, audit
         family.register(sub)
     return ap
 

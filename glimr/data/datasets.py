@@ -11,7 +11,8 @@ CSV of (image path, label): a header naming the columns (`path`/`image`/`file`/`
 
 GLDv2: `train.csv` (`id,url,landmark_id`: one row per image) or `train_clean.csv` (`landmark_id,images`: one
 row per landmark, image ids separated by spaces); images at `root/<a>/<b>/<c>/<id>.jpg` (the official
-layout, a/b/c = the first three characters of the id). Missing images are reported when `check=True`.
+layout, a/b/c = the first three characters of the id) or flat `root/<id>.jpg`, read by glimr.data.gldv2:
+malformed rows are errors naming the line; missing images are listed once on stderr and skipped (`check=True`).
 
 Augmentation (GLAM: "scaling, random cropping, and varied illumination"): random resized crop, horizontal
 flip, illumination; a view is a pure function of (seed, epoch, index), so a resumed run sees the same views.
@@ -76,26 +77,14 @@ def gldv2_image_path(root: str | Path, image_id: str) -> Path:
 
 def read_gldv2_csv(path: str | Path) -> tuple[list[str], list[str]]:
     """(image ids, landmark ids) from GLDv2's train.csv (id,url,landmark_id) or train_clean.csv
-    (landmark_id,images)."""
-    path = Path(path)
-    rows = _open_csv(path)
-    head = [c.strip().lower() for c in rows[0]]
-    ids, labels = [], []
-    if "id" in head and "landmark_id" in head:
-        i, j = head.index("id"), head.index("landmark_id")
-        for r in rows[1:]:
-            ids.append(r[i].strip())
-            labels.append(r[j].strip())
-    elif "landmark_id" in head and "images" in head:
-        i, j = head.index("images"), head.index("landmark_id")
-        for r in rows[1:]:
-            for img in r[i].split():
-                ids.append(img)
-                labels.append(r[j].strip())
-    else:
-        raise DatasetError(f"'{path}' is not a GLDv2 CSV: expected the header id,url,landmark_id (train.csv) "
-                           f"or landmark_id,images (train_clean.csv), got {rows[0]!r}")
-    return ids, labels
+    (landmark_id,images), checked row by row by glimr.data.gldv2."""
+    from glimr.data.gldv2 import GLDv2Error, read_gldv2_rows
+
+    try:
+        _, rows = read_gldv2_rows(path)
+    except GLDv2Error as e:
+        raise DatasetError(str(e)) from None
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def number_labels(labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -146,11 +135,18 @@ class LabeledImages(Dataset):
 
     @classmethod
     def from_gldv2(cls, csv_path: str | Path, root: str | Path, check: bool = True, **kw) -> LabeledImages:
-        ids, labels = read_gldv2_csv(csv_path)
-        full = [gldv2_image_path(root, i) for i in ids]
-        y, names = number_labels(labels)
+        """GLDv2 train.csv / train_clean.csv with images nested (a/b/c/<id>.jpg) or flat under ``root``
+        (glimr.data.gldv2). check=True: missing images are listed once on stderr and skipped; check=False:
+        the official nested paths, unchecked."""
         if check:
-            _check_exist(full, Path(csv_path))
+            from glimr.data.gldv2 import load_gldv2
+
+            ds = load_gldv2(csv_path, root)
+            full, labels = ds.paths, ds.landmarks
+        else:
+            ids, labels = read_gldv2_csv(csv_path)
+            full = [gldv2_image_path(root, i) for i in ids]
+        y, names = number_labels(labels)
         return cls(full, y, names, **kw)
 
     # the dataset protocol ------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def resolve_build_settings(model, settings: ExtractSettings | None, index_settin
 def build_index(images_dir: str | Path, index_dir: str | Path, model, *, settings: ExtractSettings | None = None,
                 index_settings: IndexSettings | None = None, prune: bool = False, progress: bool = True,
                 ca_samples=None, ca_sample_count: int = 1000, ca_sample_scales=(1.0,),
-                compact_fraction: float = COMPACT_FRACTION, **loose) -> BuildReport:
+                compact_fraction: float = COMPACT_FRACTION, files=None, **loose) -> BuildReport:
     """Index (or update) ``images_dir``.
 
     settings / index_settings: the validated settings objects (``make_settings``); callers may instead pass
@@ -122,12 +122,14 @@ def build_index(images_dir: str | Path, index_dir: str | Path, model, *, setting
     params.json's meta says what they were fitted on).
 
     prune: allow a build that removes more than half of the index's images (or all of them).
-    compact_fraction: compact vectors.f32 when more than this share of its rows is dead."""
+    compact_fraction: compact vectors.f32 when more than this share of its rows is dead.
+    files: index exactly these image files (all under ``images_dir``; e.g. the images a training CSV lists)
+    instead of every image under it; indexed images not among them count as removed."""
     settings, index_settings = resolve_build_settings(model, settings, index_settings, loose)
     return run_build(images_dir, index_dir, settings, index_settings,
                      embed=lambda batches, ca: embed_local(model, settings, batches, ca), prune=prune,
                      progress=progress, compact_fraction=compact_fraction, model=model, ca_samples=ca_samples,
-                     ca_sample_count=ca_sample_count, ca_sample_scales=ca_sample_scales)
+                     ca_sample_count=ca_sample_count, ca_sample_scales=ca_sample_scales, files=files)
 
 
 def embed_local(model, settings: ExtractSettings, batches: Iterable[list[Path]],
@@ -148,14 +150,21 @@ def embed_local(model, settings: ExtractSettings, batches: Iterable[list[Path]],
 def run_build(images_dir: str | Path, index_dir: str | Path, settings: ExtractSettings,
               index_settings: IndexSettings, *, embed: Embedder, prune: bool = False, progress: bool = True,
               compact_fraction: float = COMPACT_FRACTION, model=None, ca_samples=None, ca_sample_count: int = 1000,
-              ca_sample_scales=(1.0,)) -> BuildReport:
+              ca_sample_scales=(1.0,), files=None) -> BuildReport:
     """A build with any embedder (see the module doc); ``model`` is needed only to learn co-attention
-    parameters when an index with co-attention features is created."""
+    parameters when an index with co-attention features is created; ``files``: as build_index's."""
     if not 0 <= compact_fraction <= 1:
         raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction!r}")
     root = Path(images_dir)
     unscanned: list[tuple[Path, str]] = []
-    files = list_images(root, unreadable=unscanned)
+    if files is None:
+        files = list_images(root, unreadable=unscanned)
+    else:
+        files = sorted({Path(p) for p in files})
+        outside = [p for p in files if not p.is_relative_to(root)]
+        if outside:
+            raise ValueError(f"'{outside[0]}' is not under the image folder '{root}': the files to index must be "
+                             "inside it")
     cfg = IndexConfig(settings, index_settings, root=str(root.resolve()))
     rep = BuildReport()
     with IndexStore.for_build(index_dir, cfg) as store:
