@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 AUTO = "auto"
 FLAT_MAX = 200_000       # exact (flat) search below this many vectors
-NLIST_MIN, NLIST_MAX = 1024, 16384
+NLIST_MIN, NLIST_MAX = 1024, 4096   # k-means over more lists costs too much on a 2-core machine
 TRAIN_PER_LIST = 40      # training vectors per inverted list (FAISS warns below 39)
 TRAIN_MAX = 500_000      # at most this many training vectors (a random sample)
+KMEANS_ITER = 10         # k-means iterations of the coarse quantizer (FAISS's default is 25)
 ADD_CHUNK = 65536        # vectors added per step
 NPROBE = 48              # inverted lists scanned per query (IVF structures)
 SHORTLIST = 300          # candidates re-ranked exactly from the stored vectors (IVF structures)
@@ -61,11 +62,16 @@ def resolve_factory(factory: str, n: int, dim: int) -> str:
 
 
 def _base(factory: str, dim: int) -> faiss.Index:
+    """The untrained structure (an IVF's k-means limited to KMEANS_ITER iterations)."""
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"bad FAISS factory string {factory!r} for dim {dim}: "
                          f"{str(e).strip().splitlines()[-1][:200]}") from None
+    ivf = faiss.try_extract_index_ivf(base)
+    if ivf is not None:
+        ivf.cp.niter = KMEANS_ITER
+    return base
 
 
 def _wrap(base: faiss.Index) -> faiss.Index:
