@@ -6,7 +6,8 @@ The size rule (``auto_factory``; the factory ``"auto"``, the default of a new in
 - from ``FLAT_MAX`` on: ``IVF{nlist}_HNSW32,PQ{m}x4fs``: an inverted file whose ``nlist`` coarse centroids are
   searched with an HNSW graph, each vector stored as ``m`` 4-bit product-quantizer codes (``m / 2`` bytes) in
   FAISS's fast-scan layout, plus its 8-byte id. ``nlist`` is the power of two nearest ``4 * sqrt(n)``, from
-  1024 to ``NLIST_MAX``; ``m = dim / 4`` (rounded down to an even divisor of ``dim``). Search scans ``nprobe``
+  1024 to ``NLIST_MAX``; ``m = dim / 4`` (rounded down to an even divisor of ``dim``; 8-bit scalar codes, ``SQ8``, for dimensions
+  without one). Search scans ``nprobe``
   lists, keeps a shortlist of ``shortlist`` candidates and re-ranks them exactly from the stored float32
   vectors (glimr's ``vectors.f32``, memory-mapped), so the scores returned are exact inner products.
 
@@ -37,11 +38,12 @@ SHORTLIST = 300          # candidates re-ranked exactly from the stored vectors 
 
 
 def pq_m(dim: int) -> int:
-    """Sub-quantizers of the auto structure: dim / 4, lowered to an even divisor of dim (at least 2)."""
-    m = max(2, dim // 4)
-    while m > 2 and (dim % m or m % 2):
+    """Sub-quantizers of the auto structure: dim / 4, lowered to an even divisor of dim; 0 when dim has none
+    (odd dimensions: the auto structure then stores 8-bit scalar codes, SQ8)."""
+    m = dim // 4
+    while m >= 2 and (dim % m or m % 2):
         m -= 1
-    return m
+    return m if m >= 2 else 0
 
 
 def auto_nlist(n: int) -> int:
@@ -54,7 +56,8 @@ def auto_factory(n: int, dim: int) -> str:
     """The structure the size rule picks for ``n`` vectors of dimension ``dim`` (see the module's text)."""
     if n < FLAT_MAX:
         return "Flat"
-    return f"IVF{auto_nlist(n)}_HNSW32,PQ{pq_m(dim)}x4fs"
+    m = pq_m(dim)
+    return f"IVF{auto_nlist(n)}_HNSW32," + (f"PQ{m}x4fs" if m else "SQ8")
 
 
 def resolve_factory(factory: str, n: int, dim: int) -> str:
