@@ -131,8 +131,9 @@ def generate(data: Path, n_total: int, rm: dict) -> dict:
         h2 = _h_for(float(rm["t_view"]), cen, sd, rng)
         state = {"n_total": n_total, "h1": h1, "h2": h2, "blocks_done": []}
         state_p.write_text(json.dumps(state))
-    if state["n_total"] != n_total:
+    if state["n_total"] < n_total:
         raise SystemExit(f"{state_p} was made for {state['n_total']} rows; use another --data folder")
+    n_total = state["n_total"]  # a run of the smaller sizes alone reuses the bigger file
     h1, h2 = state["h1"], state["h2"]
     path = data / "vectors.f32"
     if not path.exists():
@@ -348,9 +349,9 @@ def main() -> int:
 
     default_f = {n: (["Flat"] if n <= 1_000_000 else []) + [
         ann.auto_factory(n, DIM), f"IVF{ann.auto_nlist(n)}_HNSW32,PQ{DIM // 8}x4fs"] for n in sizes}
-    if a.factories:
+    if a.factories is not None:
         for n, fs in zip(sizes, a.factories.split(";")):
-            default_f[n] = fs.split("|")
+            default_f[n] = [f for f in fs.split("|") if f]
     res_p = Path(a.out + ".json")
     res = json.loads(res_p.read_text()) if res_p.exists() else {"results": []}
     res["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), " \
