@@ -218,9 +218,29 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray 
     return rerank(q, cand, vectors, k)
 
 
+def read_rows(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``vectors[ids]`` as float32 (ids ascending). A file-backed memmap is read with one pread per row: a page
+    fault on a memory-mapped row that is not in the page cache reads ahead far more than the row (measured
+    ~4 s against ~50 ms for 1,000 random rows of a 20 GB file on this machine's disk)."""
+    if isinstance(vectors, np.memmap) and vectors.filename and vectors.ndim == 2 and len(ids) > 1 \
+            and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+        row = vectors.shape[1] * 4
+        out = np.empty((len(ids), vectors.shape[1]), np.float32)
+        mv = memoryview(out).cast("B")
+        fd = os.open(vectors.filename, os.O_RDONLY)
+        try:
+            for j, i in enumerate(ids.tolist()):
+                if os.preadv(fd, [mv[j * row:(j + 1) * row]], vectors.offset + i * row) != row:
+                    raise OSError(f"'{vectors.filename}': row {i} is cut short (damaged file?)")
+        finally:
+            os.close(fd)
+        return out
+    return np.asarray(vectors[ids], dtype=np.float32)
+
+
 def rerank(queries: np.ndarray, cand: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact re-ranking: for each query, the inner products with its candidates' stored vectors (ids < 0 are
-    padding), the best ``k`` first. Rows are read in ascending order (memmap-friendly)."""
+    padding), the best ``k`` first. Rows are read in ascending order (read_rows)."""
     nq = len(queries)
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
     ids = np.full((nq, k), -1, dtype=np.int64)
@@ -228,7 +248,7 @@ def rerank(queries: np.ndarray, cand: np.ndarray, vectors: np.ndarray, k: int) -
         c = np.unique(cand[i][cand[i] >= 0])
         if not len(c):
             continue
-        s = np.asarray(vectors[c], dtype=np.float32) @ queries[i]
+        s = read_rows(vectors, c) @ queries[i]
         top = np.argsort(-s, kind="stable")[:k]
         scores[i, :len(top)] = s[top]
         ids[i, :len(top)] = c[top]

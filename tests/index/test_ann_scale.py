@@ -70,6 +70,14 @@ def test_ivf_pq_recall_after_exact_reranking(tmp_path):
     # without the stored vectors the same index gives approximate scores, and re-ranking helps recall here
     _, ids_pq = ann.search(index, q, 10, None, nprobe=16)
     assert recall_at(ids_pq, gt, 10) < r
+    # re-ranking from a memory-mapped vectors file (read row by row with pread) gives the same answer
+    db.tofile(tmp_path / "v.f32")
+    mmv = np.memmap(tmp_path / "v.f32", dtype=np.float32, mode="r", shape=db.shape)
+    rows = np.array([3, 17, 18, 3999])
+    np.testing.assert_array_equal(ann.read_rows(mmv, rows), db[rows])  # the same bytes: exact
+    s_mm, i_mm = ann.search(index, q, 10, mmv, nprobe=16, shortlist=200)
+    np.testing.assert_array_equal(i_mm, ids)
+    np.testing.assert_array_equal(s_mm, scores)  # same rows, same arithmetic: bit-identical
     # a memory-mapped load answers exactly as the loaded one
     ann.save_index(index, tmp_path / "f.index")
     mm = ann.load_index(tmp_path / "f.index", mmap=True)
