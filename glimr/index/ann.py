@@ -3,13 +3,18 @@
 The size rule (``auto_factory``; the factory ``"auto"``, the default of a new index):
 
 - fewer than ``FLAT_MAX`` vectors: ``Flat`` (exact search; ``4 * dim`` bytes per image in RAM);
-- from ``FLAT_MAX`` on: ``IVF{nlist}_HNSW32,PQ{m}x4fs``: an inverted file whose ``nlist`` coarse centroids are
-  searched with an HNSW graph, each vector stored as ``m`` 4-bit product-quantizer codes (``m / 2`` bytes) in
-  FAISS's fast-scan layout, plus its 8-byte id. ``nlist`` is the power of two nearest ``4 * sqrt(n)``, from
-  1024 to ``NLIST_MAX``; ``m = dim / 4`` (rounded down to an even divisor of ``dim``; 8-bit scalar codes, ``SQ8``, for dimensions
-  without one). Search scans ``nprobe``
-  lists, keeps a shortlist of ``shortlist`` candidates and re-ranks them exactly from the stored float32
-  vectors (glimr's ``vectors.f32``, memory-mapped), so the scores returned are exact inner products.
+- from ``FLAT_MAX`` on: ``PCAR{r},IVF{nlist}_HNSW32,PQ{m}x4fs``: the vectors' top ``r = min(dim / 2, 256)``
+  principal components, randomly rotated (the PCA is fitted on the training sample), an inverted file whose
+  ``nlist`` coarse centroids are searched with an HNSW graph, each vector stored as ``m = r / 2`` 4-bit
+  product-quantizer codes of 2 dimensions (``m / 2`` bytes: 64 at 512-d) in FAISS's fast-scan layout, plus
+  its 8-byte id. ``nlist`` is the power of two nearest ``4 * sqrt(n)``, from 1024 to ``NLIST_MAX``. Search
+  scans ``nprobe`` lists, keeps a shortlist of ``shortlist`` candidates and re-ranks them exactly from the
+  stored float32 vectors (glimr's ``vectors.f32``, memory-mapped, read row by row), so the scores returned
+  are exact inner products of the full vectors. (Too small a dimension for that: ``IVF{nlist}_HNSW32,SQ8``.)
+
+Why: at 1M x 512 (benchmarks/results/ann_scale.md) the PCA-rotated codes gave a better shortlist than the same
+64 bytes of 4-bit codes over all 512 dimensions, with or without a random rotation; fast-scan codes keep the
+scan of a shortlist of thousands at about 2 ms.
 
 The IVF structures are trained on a random sample of at most ``TRAIN_MAX`` vectors (``TRAIN_PER_LIST`` per
 list), vectors are added in chunks, and the file is opened memory-mapped (``faiss.IO_FLAG_MMAP``) when it is
@@ -37,13 +42,13 @@ NPROBE = 48              # inverted lists scanned per query (IVF structures)
 SHORTLIST = 300          # candidates re-ranked exactly from the stored vectors (IVF structures)
 
 
-def pq_m(dim: int) -> int:
-    """Sub-quantizers of the auto structure: dim / 4, lowered to an even divisor of dim; 0 when dim has none
-    (odd dimensions: the auto structure then stores 8-bit scalar codes, SQ8)."""
-    m = dim // 4
-    while m >= 2 and (dim % m or m % 2):
-        m -= 1
-    return m if m >= 2 else 0
+def pca_pq(dim: int) -> tuple[int, int]:
+    """(r, m) of the auto structure: PCA to r = min(dim / 2, 256) dimensions (then a random rotation), m = r / 2
+    sub-quantizers of 2 dimensions and 4 bits each (m / 2 bytes: 64 at 512-d); m even. (0, 0) when dim is too
+    small for it (then the auto structure stores 8-bit scalar codes, SQ8)."""
+    m = min(dim // 2, 256) // 2
+    m -= m % 2
+    return (2 * m, m) if m >= 2 else (0, 0)
 
 
 def auto_nlist(n: int) -> int:
@@ -56,8 +61,10 @@ def auto_factory(n: int, dim: int) -> str:
     """The structure the size rule picks for ``n`` vectors of dimension ``dim`` (see the module's text)."""
     if n < FLAT_MAX:
         return "Flat"
-    m = pq_m(dim)
-    return f"IVF{auto_nlist(n)}_HNSW32," + (f"PQ{m}x4fs" if m else "SQ8")
+    r, m = pca_pq(dim)
+    if not m:
+        return f"IVF{auto_nlist(n)}_HNSW32,SQ8"
+    return f"PCAR{r},IVF{auto_nlist(n)}_HNSW32,PQ{m}x4fs"
 
 
 def resolve_factory(factory: str, n: int, dim: int) -> str:

@@ -41,17 +41,19 @@ def test_size_rule_flat_while_small_then_ivf_hnsw_pq_fastscan():
     assert ann.FLAT_MAX == 200_000
     for n in (0, 1, 300, 100_000, 199_999):
         assert ann.auto_factory(n, 512) == "Flat"
-    assert ann.auto_factory(200_000, 512) == "IVF2048_HNSW32,PQ128x4fs"    # 4*sqrt(2e5) = 1789 -> 2048
-    assert ann.auto_factory(1_000_000, 512) == "IVF4096_HNSW32,PQ128x4fs"  # 4000 -> 4096
-    assert ann.auto_factory(10_000_000, 512) == "IVF4096_HNSW32,PQ128x4fs"  # capped at NLIST_MAX
-    assert ann.auto_factory(1_000_000, 1280) == "IVF4096_HNSW32,PQ320x4fs"
-    assert ann.auto_factory(1_000_000, 7) == "IVF4096_HNSW32,SQ8"  # no even divisor: scalar codes
+    assert ann.auto_factory(200_000, 512) == "PCAR256,IVF2048_HNSW32,PQ128x4fs"    # 4*sqrt(2e5) = 1789 -> 2048
+    assert ann.auto_factory(1_000_000, 512) == "PCAR256,IVF4096_HNSW32,PQ128x4fs"  # 4000 -> 4096
+    assert ann.auto_factory(10_000_000, 512) == "PCAR256,IVF4096_HNSW32,PQ128x4fs"  # capped at NLIST_MAX
+    assert ann.auto_factory(1_000_000, 1280) == "PCAR256,IVF4096_HNSW32,PQ128x4fs"  # PCA to at most 256
+    assert ann.auto_factory(1_000_000, 64) == "PCAR32,IVF4096_HNSW32,PQ16x4fs"
+    assert ann.auto_factory(1_000_000, 36) == "PCAR16,IVF4096_HNSW32,PQ8x4fs"  # m kept even
+    assert ann.auto_factory(1_000_000, 7) == "IVF4096_HNSW32,SQ8"  # too small for PCA + PQ: scalar codes
     assert ann.resolve_factory("auto", 50, 512) == "Flat" and ann.resolve_factory("HNSW32", 50, 512) == "HNSW32"
-    for n, d in ((200_000, 512), (3_000_000, 256), (10**7, 1280), (10**6, 7), (10**6, 6)):
+    for n, d in ((200_000, 512), (3_000_000, 256), (10**7, 1280), (10**6, 7), (10**6, 6), (10**6, 36)):
         faiss.index_factory(d, ann.auto_factory(n, d), faiss.METRIC_INNER_PRODUCT)  # FAISS accepts each one
     # 4-bit codes: m / 2 bytes per image (64 B at 512-d), under the 100 B/image goal with the 8-byte id
-    assert ann.pq_m(512) // 2 + 8 <= 100
-    assert ann.train_count("IVF4096_HNSW32,PQ128x4fs", 10**7) == 40 * 4096
+    assert ann.pca_pq(512) == (256, 128) and 128 // 2 + 8 <= 100
+    assert ann.train_count("PCAR256,IVF4096_HNSW32,PQ128x4fs", 10**7) == 40 * 4096
     assert ann.train_count("IVF4096_HNSW32,PQ128x4fs", 5000) == 5000 and ann.train_count("Flat", 10**7) == 65536
 
 
@@ -167,3 +169,23 @@ def test_bad_factory_is_a_clear_error(tmp_path, capsys):
     assert "no index.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="bad FAISS factory string 'PQ7'"):
         ann.build(clustered(10, 0), np.arange(10), "PQ7")
+
+
+def test_auto_index_switches_structure_when_it_grows(tmp_path, monkeypatch):
+    # the rule's thresholds lowered so that a test-sized index crosses them (the rule itself is unchanged)
+    monkeypatch.setattr(ann, "FLAT_MAX", 2000)
+    monkeypatch.setattr(ann, "NLIST_MIN", 16)
+    d, vecs = _store(tmp_path, 1500)
+    with IndexStore.open(d) as st:
+        assert st.describe_faiss()["built_as"] == "Flat"
+    more = clustered(1500, 12)
+    with IndexStore.for_build(d, IndexStore._read_config(d)) as st:
+        st.save_config()
+        st.commit_chunk([Row(f"more{i:05d}.jpg", f"m{i}", 1, 1.0, "ok", None, None) for i in range(1500)], more)
+        st.rebuild_faiss()
+    with IndexStore.open(d) as st:
+        info = st.describe_faiss()
+        assert info["built_as"] == "PCAR32,IVF256_HNSW32,PQ16x4fs" and info["ntotal"] == 3000  # 4*sqrt(3000) -> 256
+        assert info["bytes_per_image"] < 4 * DIM
+        res = st.search(more[:20], 1)
+    assert [r[0][0] for r in res] == [f"more{i:05d}.jpg" for i in range(20)]  # exact re-ranking: each finds itself
