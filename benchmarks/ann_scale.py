@@ -313,6 +313,14 @@ def eval_one(data: Path, n: int, factory: str, sweep: list[tuple[int, int]]) -> 
 def markdown(res: dict) -> str:
     lines = ["# ANN at scale (benchmarks/ann_scale.py)", "",
              f"Machine: {res['machine']}. Data: {res['data_note']}", "",
+             "Searches re-rank the shortlist exactly from the stored vectors (the memmap, read row by row) and look "
+             "at the HNSW coarse quantizer with efSearch = 2 x nprobe (glimr.index.ann.search); the first runs, "
+             "with FAISS's default efSearch 16, are kept in ann_scale_quantizer_ef16.md. A structure is trained "
+             "once, on a sample of the 1M set (train s), and the 10M build reuses that training (build s = train s "
+             "+ adding 10M). ms/q first pass: the first time each setting runs (rows of its shortlists not read "
+             "before come from disk unless cached); 1t / 2t: the same queries again, 1 and 2 FAISS threads. "
+             "RSS after search includes the pages of the vectors file read for re-ranking; anon MB is the search "
+             "structure itself.", "",
              "| n | structure | build s (train s) | file B/vector | RSS after load MB | RSS after search MB "
              "(anon MB) | nprobe | shortlist | ms/q first pass | ms/q 1t | ms/q 2t | p95 ms 2t | R@10 (real q / view q) "
              "| R@100 |",

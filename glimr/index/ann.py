@@ -38,8 +38,8 @@ TRAIN_PER_LIST = 40      # training vectors per inverted list (FAISS warns below
 TRAIN_MAX = 500_000      # at most this many training vectors (a random sample)
 KMEANS_ITER = 10         # k-means iterations of the coarse quantizer (FAISS's default is 25)
 ADD_CHUNK = 65536        # vectors added per step
-NPROBE = 64              # inverted lists scanned per query (IVF structures; ann_scale.md: 10M x 512)
-SHORTLIST = 300          # candidates re-ranked exactly from the stored vectors (1,000 adds ~1% recall, 2-10x time)
+NPROBE = 128             # inverted lists scanned per query (IVF structures; ann_scale.md: 10M x 512)
+SHORTLIST = 500          # candidates re-ranked exactly from the stored vectors (10M: R@10 0.974, ~4 ms)
 
 
 def pca_pq(dim: int) -> tuple[int, int]:
