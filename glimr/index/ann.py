@@ -17,8 +17,11 @@ Why: at 1M x 512 (benchmarks/results/ann_scale.md) the PCA-rotated codes gave a 
 scan of a shortlist of thousands at about 2 ms.
 
 The IVF structures are trained on a random sample of at most ``TRAIN_MAX`` vectors (``TRAIN_PER_LIST`` per
-list), vectors are added in chunks, and the file is opened memory-mapped (``faiss.IO_FLAG_MMAP``) when it is
-not flat. benchmarks/ann_scale.py measured these choices at 1M and 10M x 512 (benchmarks/results/ann_scale.md).
+list), vectors are added in chunks, and the file is opened with ``faiss.IO_FLAG_MMAP`` when it is not flat.
+FAISS maps the inverted lists of 8-bit PQ codes (``...,PQ64``) from the file (1M x 512: 7.8 MB resident after
+loading an 80 MB file) but reads fast-scan lists (``x4fs``) into RAM (10M: 713 MB resident for a 697 MB file);
+both stay under 100 bytes per image. benchmarks/ann_scale.py measured these choices at 1M and 10M x 512
+(benchmarks/results/ann_scale.md).
 """
 from __future__ import annotations
 
@@ -133,7 +136,7 @@ def build(vectors: np.ndarray, vids: np.ndarray, factory: str = AUTO, *, progres
         if t == 0:
             raise ValueError(f"FAISS index {built_as!r} needs training vectors")
         pick = np.sort(np.random.default_rng(seed).choice(len(vids), size=t, replace=False))
-        sample = np.ascontiguousarray(vectors[vids[pick]], dtype=np.float32)
+        sample = read_rows(vectors, vids[pick])
         try:
             base.train(sample)
         except RuntimeError as e:
@@ -144,7 +147,7 @@ def build(vectors: np.ndarray, vids: np.ndarray, factory: str = AUTO, *, progres
     steps = range(0, len(vids), ADD_CHUNK)
     for s in tqdm(steps, desc=f"FAISS {built_as}", unit="chunk", disable=not progress or len(steps) < 4):
         ids = vids[s:s + ADD_CHUNK]
-        index.add_with_ids(np.ascontiguousarray(vectors[ids], dtype=np.float32), ids)
+        index.add_with_ids(read_rows(vectors, ids), ids)
     return index, built_as
 
 
@@ -153,7 +156,7 @@ def add(index: faiss.Index, vectors: np.ndarray, vids: np.ndarray) -> None:
     vids = np.asarray(vids, dtype=np.int64)
     for s in range(0, len(vids), ADD_CHUNK):
         ids = vids[s:s + ADD_CHUNK]
-        index.add_with_ids(np.ascontiguousarray(vectors[ids], dtype=np.float32), ids)
+        index.add_with_ids(read_rows(vectors, ids), ids)
 
 
 def is_exact(index: faiss.Index) -> bool:
@@ -232,19 +235,30 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray 
 
 
 def read_rows(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``vectors[ids]`` as float32 (ids ascending). A file-backed memmap is read with one pread per row: a page
-    fault on a memory-mapped row that is not in the page cache reads ahead far more than the row (measured
-    ~4 s against ~50 ms for 1,000 random rows of a 20 GB file on this machine's disk)."""
+    """``vectors[ids]`` as float32 (ids ascending). A file-backed memmap is read with one pread per run of
+    consecutive rows, so the rows never become resident pages of this process: a page fault on a memory-mapped
+    row that is not in the page cache reads ahead far more than the row (measured ~4 s against ~50 ms for
+    1,000 random rows of a 20 GB file on this machine's disk), and a build that streams millions of rows
+    through a memmap grows its RSS by the file's size."""
+    ids = np.asarray(ids, dtype=np.int64)
     if isinstance(vectors, np.memmap) and vectors.filename and vectors.ndim == 2 and len(ids) > 1 \
             and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
         row = vectors.shape[1] * 4
         out = np.empty((len(ids), vectors.shape[1]), np.float32)
         mv = memoryview(out).cast("B")
+        starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)  # where a run of consecutive ids begins
+        ends = np.append(starts[1:], len(ids))
         fd = os.open(vectors.filename, os.O_RDONLY)
         try:
-            for j, i in enumerate(ids.tolist()):
-                if os.preadv(fd, [mv[j * row:(j + 1) * row]], vectors.offset + i * row) != row:
-                    raise OSError(f"'{vectors.filename}': row {i} is cut short (damaged file?)")
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                want = (b - a) * row
+                got = 0
+                while got < want:  # pread may return less than asked for large runs
+                    n = os.preadv(fd, [mv[a * row + got:b * row]], vectors.offset + int(ids[a]) * row + got)
+                    if n <= 0:
+                        raise OSError(f"'{vectors.filename}': rows {ids[a]}..{ids[b - 1]} are cut short "
+                                      "(damaged file?)")
+                    got += n
         finally:
             os.close(fd)
         return out
