@@ -206,6 +206,14 @@ def cmd_index_compact(args) -> int:
     return 0
 
 
+def cmd_index_optimize(args) -> int:
+    from glimr.index.build import optimize_index
+
+    info = optimize_index(args.index, args.factory)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _index_extras(args) -> None:
     """After a build: the co-attention inverted file and the diffusion graph (built once, at indexing)."""
     from glimr.index.store import IndexStore
@@ -355,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("images_dir")
     b.add_argument("--index", required=True, help="index folder (created if missing)")
     _add_model_args(b)
-    b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF4096,PQ64 ... "
-                   "(tried on a dummy index before anything is written)")
+    b.add_argument("--factory", default="auto", help="FAISS index factory: auto (by size: Flat below 200,000 "
+                   "images, then IVF-HNSW + 4-bit PQ re-ranked from the stored vectors), Flat, HNSW32, "
+                   "IVF4096,PQ64 ... (tried on a dummy index before anything is written)")
     b.add_argument("--chunk-size", type=int_in(1, 1_000_000), default=256, help="images committed per transaction")
     b.add_argument("--prune", action="store_true",
                    help="allow removing more than half of the index's images (or all of them) when they are no "
@@ -404,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "example:\n  glimr index compact my-index")
     c.add_argument("index")
     c.set_defaults(func=cmd_index_compact)
+    o = isub.add_parser("optimize", help="rebuild the search structure from the stored vectors (no re-embedding)",
+                        formatter_class=_Formatter,
+                        description="Rebuild faiss.index from vectors.f32 as --factory (recorded in index.json) or "
+                                    "as the index's own factory; prints the structure and its bytes per image.\n\n"
+                                    "example:\n  glimr index optimize my-index\n"
+                                    "  glimr index optimize my-index --factory IVF4096_HNSW32,PQ128x4fs\n"
+                                    "  glimr index optimize my-index --factory auto   (by size: see `index build "
+                                    "--help`)")
+    o.add_argument("index")
+    o.add_argument("--factory", default=None, help="FAISS factory string or auto (default: the index's own)")
+    o.set_defaults(func=cmd_index_optimize)
 
     p = sub.add_parser("search", help="search an index with an image", formatter_class=_Formatter,
                        description="example:\n  glimr search my-index query.jpg --crop 40,30,400,380 --top 10 --json\n"

@@ -78,7 +78,7 @@ Embedder = Callable[[Iterable[list[Path]], "CoAttentionParams | None"], Iterator
 
 def make_settings(model, *, model_name: str | None = None, checkpoint: str | None = None, scales=(1.0,),
                   max_size: int = 512, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "Flat", chunk_size: int = 256,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "auto", chunk_size: int = 256,
                   coattention: LocalConfig | None = None) -> tuple[ExtractSettings, IndexSettings]:
     """Both settings objects from loose values (ValueError naming the bad one; the checkpoint is hashed)."""
     ex = ExtractSettings.with_checkpoint(checkpoint, model=model_name or getattr(model, "name", "model"),
@@ -285,6 +285,25 @@ def compact_index(index_dir: str | Path, progress: bool = True) -> int:
         if not store.faiss_is_current():
             store.rebuild_faiss()
     return n
+
+
+def optimize_index(index_dir: str | Path, factory: str | None = None) -> dict:
+    """`glimr index optimize`: rebuild the FAISS search structure from vectors.f32 (nothing is re-embedded), as
+    ``factory`` (a FAISS factory string, or "auto" for the size rule of glimr.index.ann) or, when None, as the
+    index's own factory. Checks the factory first (ValueError naming it); returns the new structure's
+    description, with its bytes per image."""
+    d = Path(index_dir)
+    cfg = IndexStore._read_config(d)
+    if factory is not None:
+        IndexSettings(dim=cfg.dim, factory=factory)  # ValueError with FAISS's reason, before the lock is taken
+    with IndexStore.for_build(d, cfg) as store:
+        if store.db is None:
+            raise IndexStoreError(f"'{d}' has no meta.sqlite: nothing to optimize; build it with "
+                                  f"`glimr index build IMAGES_DIR --index {d}`")
+        store.save_config()
+        out = store.optimize(factory)
+        share_files(store.dir)
+    return out
 
 
 def _coattention_params(store: IndexStore, model, files, samples, count: int, sample_scales, *,

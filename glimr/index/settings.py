@@ -27,8 +27,10 @@ _FACTORY_CHARS = re.compile(r"[A-Za-z0-9_,.\-]{1,200}")
 def check_factory(dim: int, factory: str) -> None:
     """Build the FAISS structure ``factory`` for ``dim`` on a tiny dummy set (add + search when it needs no
     training): ValueError with FAISS's reason if it cannot be made."""
+    if factory == "auto":  # glimr.index.ann.auto_factory: chosen from the index's size when it is built
+        return
     if not isinstance(factory, str) or not _FACTORY_CHARS.fullmatch(factory):
-        raise ValueError(f"bad FAISS factory string {factory!r} (--factory): use e.g. Flat, HNSW32, IVF1024,Flat, "
+        raise ValueError(f"bad FAISS factory string {factory!r} (--factory): use auto, Flat, HNSW32, IVF1024,Flat, "
                          "PCA128,Flat (letters, digits and , _ . - only)")
     import faiss
 
@@ -47,11 +49,11 @@ def check_factory(dim: int, factory: str) -> None:
 @dataclass(frozen=True)
 class IndexSettings:
     """dim: the descriptors' dimension; factory: FAISS index factory string (tried on a dummy index when the
-    settings are built); chunk_size: images embedded and committed per transaction; coattention:
+    settings are built), or "auto": the structure glimr.index.ann.auto_factory picks for the index's size; chunk_size: images embedded and committed per transaction; coattention:
     ``{"config": LocalConfig json, "record_bytes": n}`` for indexes with co-attention records, else None."""
 
     dim: int
-    factory: str = "Flat"
+    factory: str = "auto"
     chunk_size: int = 256
     coattention: dict | None = None
 

@@ -422,6 +422,14 @@ class IndexStore:
         rows = cur.fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
 
+    def live_vids(self) -> np.ndarray:
+        """The vids of the searchable images, ascending (no paths: cheap for millions of rows)."""
+        cur = self.db.execute("SELECT vid FROM images WHERE status='ok' ORDER BY vid")
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
+    def n_live(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0])
+
     def paths_for(self, vids) -> dict[int, str]:
         vids = [int(v) for v in vids if v >= 0]
         if not vids:
@@ -487,33 +495,81 @@ class IndexStore:
     def faiss_is_current(self) -> bool:
         st = self._faiss_state()
         return (self.dir / "faiss.index").is_file() and st.get("n_vectors") == self.n_vectors \
-            and st.get("n_live") == len(self.live()[0]) and st.get("factory") == self.config.factory
+            and st.get("n_live") == self.n_live() and st.get("factory") == self.config.factory
 
     def _make_faiss(self):
-        """A FAISS index over the live rows (Flat, said on stderr, when the factory cannot be trained on them,
-        e.g. IVF4096 over fewer than 4096 images)."""
-        vids, _ = self.live()
-        vecs = np.asarray(self.vectors()[vids]) if len(vids) else np.zeros((0, self.config.dim), np.float32)
+        """A FAISS index over the live rows: the structure ``config.factory`` names, or, for "auto", the one the
+        size rule picks (glimr.index.ann.auto_factory), trained on a sample and filled in chunks from the
+        memory-mapped vectors. Flat (said on stderr) when the factory cannot be trained on them, e.g. IVF4096
+        over fewer than 4096 images."""
+        vids = self.live_vids()
         factory = self.config.factory
+        vectors = self.vectors()
         try:
-            index = ann.make_index(self.config.dim, factory, vecs)
-            if len(vids):
-                index.add_with_ids(vecs, vids)
+            index, built_as = ann.build(vectors, vids, factory, progress=len(vids) >= ann.FLAT_MAX)
         except (ValueError, RuntimeError) as e:
             print(f"glimr: FAISS '{factory}' cannot be built over {len(vids)} vectors "
                   f"({str(e).strip().splitlines()[-1][:200]}); using Flat (exact search) until there are enough",
                   file=sys.stderr)
-            factory = "Flat"
-            index = ann.make_index(self.config.dim, factory)
-            if len(vids):
-                index.add_with_ids(vecs, vids)
-        return index, len(vids), factory
+            index, built_as = ann.build(vectors, vids, "Flat")
+        return index, len(vids), built_as
+
+    def _grow_faiss(self):
+        """The saved FAISS index plus the rows committed since it was built, when that is all that changed
+        (no row removed or compacted, same structure as the size rule or factory asks now): a trained IVF is
+        not retrained for a few new images. None when it must be rebuilt."""
+        st = self._faiss_state()
+        built_as = st.get("built_as")
+        n0, live0 = st.get("n_vectors"), st.get("n_live")
+        if built_as in (None, "Flat") or st.get("factory") != self.config.factory \
+                or not isinstance(n0, int) or not isinstance(live0, int) or not 0 <= n0 <= self.n_vectors:
+            return None
+        vids = self.live_vids()
+        new = vids[vids >= n0]
+        if live0 + len(new) != len(vids) or ann.resolve_factory(self.config.factory, len(vids),
+                                                                self.config.dim) != built_as:
+            return None
+        try:
+            index = ann.load_index(self.dir / "faiss.index")
+        except (RuntimeError, MemoryError):
+            return None
+        if index.ntotal != live0 or index.d != self.config.dim:
+            return None
+        ann.add(index, self.vectors(), new)
+        return index, len(vids), built_as
 
     def rebuild_faiss(self) -> None:
-        """FAISS over the live rows, written atomically (then its state file)."""
+        """FAISS over the live rows (grown in place when only rows were added, else rebuilt), written
+        atomically (then its state file)."""
+        index, n_live, built_as = self._grow_faiss() or self._make_faiss()
+        self._save_faiss(index, n_live, built_as)
+        self._faiss = index
+
+    def optimize(self, factory: str | None = None) -> dict:
+        """`glimr index optimize`: rebuild the search structure from the stored vectors (nothing re-embedded),
+        as ``factory`` ("auto": by the size rule) or the index's own; index.json records a new factory.
+        Returns the new structure's description (glimr.index.ann.describe)."""
+        if not self.writable:
+            raise IndexStoreError(f"index '{self.dir}' is open read-only; optimize needs the build lock")
+        if factory is not None and factory != self.config.factory:
+            self.config = IndexConfig(self.config.extract, IndexSettings(
+                dim=self.config.dim, factory=factory, chunk_size=self.config.index.chunk_size,
+                coattention=self.config.coattention), root=self.config.root)
+            self.save_config()
         index, n_live, built_as = self._make_faiss()
         self._save_faiss(index, n_live, built_as)
         self._faiss = index
+        return self.describe_faiss()
+
+    def describe_faiss(self) -> dict:
+        """The search structure and its bytes per image (its file's size over the images it holds)."""
+        p = self.dir / "faiss.index"
+        st = self._faiss_state()
+        out = ann.describe(self.faiss(), p.stat().st_size if p.is_file() else None)
+        out["factory"] = self.config.factory
+        out["built_as"] = st.get("built_as")
+        out["stored_vector_bytes_per_image"] = 4 * self.config.dim  # vectors.f32, memory-mapped for re-ranking
+        return out
 
     def _save_faiss(self, index, n_live: int, built_as: str) -> None:
         from glimr.io.atomic import atomic_write_bytes
@@ -527,7 +583,7 @@ class IndexStore:
     def _load_faiss(self, quiet: bool = False, can_save: bool = False) -> None:
         """Load faiss.index, or rebuild it from vectors.f32 when it is missing, stale or damaged."""
         path = self.dir / "faiss.index"
-        n_live = len(self.live()[0])
+        n_live = self.n_live()
         reason = None
         if not path.is_file():
             reason = "missing"
@@ -535,7 +591,7 @@ class IndexStore:
             reason = "stale (a build or compaction stopped before its last step)"
         else:
             try:
-                index = ann.load_index(path)
+                index = ann.load_index(path, mmap=self._faiss_state().get("built_as") not in (None, "Flat"))
                 if index.ntotal != n_live or index.d != self.config.dim:
                     reason = f"inconsistent ({index.ntotal} vectors of dim {index.d}, the index has {n_live} of " \
                              f"dim {self.config.dim})"
@@ -544,7 +600,7 @@ class IndexStore:
         if reason is None:
             self._faiss = index
             return
-        index, n_live, built_as = self._make_faiss()
+        index, n_live, built_as = self._grow_faiss() or self._make_faiss()
         saved = False
         if can_save:  # only when no build holds the folder, which would rewrite it anyway
             fd = os.open(self.dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -568,7 +624,8 @@ class IndexStore:
                 self._faiss = self._make_faiss()[0] if not self.faiss_is_current() else None
                 if self._faiss is None:
                     try:
-                        self._faiss = ann.load_index(self.dir / "faiss.index")
+                        self._faiss = ann.load_index(self.dir / "faiss.index", mmap=self._faiss_state().get(
+                            "built_as") not in (None, "Flat"))
                     except RuntimeError:
                         self._faiss = self._make_faiss()[0]
             else:
@@ -581,7 +638,7 @@ class IndexStore:
         k = min(int(k), int(index.ntotal))
         if k <= 0:
             return [[] for _ in range(len(np.atleast_2d(queries)))]
-        scores, ids = ann.search(index, queries, k)
+        scores, ids = ann.search(index, queries, k, self.vectors())  # non-flat: shortlist re-ranked exactly
         names = self.paths_for(np.unique(ids))
         return [[(names[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0]
                 for srow, irow in zip(scores, ids)]
@@ -589,7 +646,7 @@ class IndexStore:
     def stats(self) -> dict:
         counts = dict(self.db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
         return {"images": counts.get("ok", 0), "errors": counts.get("error", 0), "n_vectors": self.n_vectors,
-                **self.config.to_json()}
+                **self.config.to_json(), "search_structure": self.describe_faiss()}
 
     def errors(self) -> list[tuple[str, str]]:
         return self.db.execute("SELECT path, error FROM images WHERE status='error' ORDER BY path").fetchall()
