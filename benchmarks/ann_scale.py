@@ -42,7 +42,7 @@ from pathlib import Path
 # with spinning 2 threads against 0.8 s passive): wait passively, before numpy/FAISS load OpenMP
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,8 +97,8 @@ def real_model(data: Path) -> dict:
     lund = np.array(sorted(i for i, n in enumerate(names) if n.startswith("train-real/lund/")))
     lund = lund[np.argsort(names[lund])]
     t_view = float(np.median((Y[lund[:-1]] * Y[lund[1:]]).sum(1)))
-    out = dict(Y=Y.astype(np.float32), eig=eig.astype(np.float32), q=q, seeds=seeds, t_inst=t_inst,
-               t_view=t_view, explained=float((S[:DIM] ** 2).sum() / (S ** 2).sum()))
+    out = {"Y": Y.astype(np.float32), "eig": eig.astype(np.float32), "q": q, "seeds": seeds, "t_inst": t_inst,
+           "t_view": t_view, "explained": float((S[:DIM] ** 2).sum() / (S ** 2).sum())}
     np.savez(cache, **out)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -313,17 +313,17 @@ def eval_one(data: Path, n: int, factory: str, sweep: list[tuple[int, int]]) -> 
 def markdown(res: dict) -> str:
     lines = ["# ANN at scale (benchmarks/ann_scale.py)", "",
              f"Machine: {res['machine']}. Data: {res['data_note']}", "",
-             "Searches re-rank the shortlist exactly from the stored vectors (the memmap, read row by row) and look "
+             ("Searches re-rank the shortlist exactly from the stored vectors (the memmap, read row by row) and look "
              "at the HNSW coarse quantizer with efSearch = 2 x nprobe (glimr.index.ann.search); the first runs, "
              "with FAISS's default efSearch 16, are kept in ann_scale_quantizer_ef16.md. A structure is trained "
              "once, on a sample of the 1M set (train s), and the 10M build reuses that training (build s = train s "
              "+ adding 10M). ms/q first pass: the first time each setting runs (rows of its shortlists not read "
              "before come from disk unless cached); 1t / 2t: the same queries again, 1 and 2 FAISS threads. "
              "RSS after search includes the pages of the vectors file read for re-ranking; anon MB is the search "
-             "structure itself.", "",
-             "| n | structure | build s (train s) | file B/vector | RSS after load MB | RSS after search MB "
+             "structure itself."), "",
+             ("| n | structure | build s (train s) | file B/vector | RSS after load MB | RSS after search MB "
              "(anon MB) | nprobe | shortlist | ms/q first pass | ms/q 1t | ms/q 2t | p95 ms 2t | R@10 (real q / view q) "
-             "| R@100 |",
+             "| R@100 |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         ev, m = r.get("eval"), r["build"]

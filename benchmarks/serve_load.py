@@ -198,7 +198,7 @@ def main() -> int:
         shutil.copy(a["source"], fresh / ("added-" + Path(a["source"]).name))
     glimr("index", "build", str(fresh), "--index", str(work / "fresh-index"), "--max-size", str(args.max_size))
     check = compare(index, work / "fresh-index")
-    result = {"benchmark": "serve_load", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "serve_load", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_1m":
                           round(os.getloadavg()[0], 2)},
               "settings": {"images": str(images), "n_images": len(queries), "max_size": args.max_size,
@@ -210,20 +210,20 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lat = result["latency_ms"]
     md = [f"# glimr serve under load ({result['date']})", "",
-          f"{args.clients} concurrent clients searching (POST /api/search, top 10, a random photo of "
+          (f"{args.clients} concurrent clients searching (POST /api/search, top 10, a random photo of "
           f"`{images.name}`, {len(queries)} images indexed at longest side {args.max_size}) for "
           f"{args.duration:g} s while one more client added {len(adds)} photos (POST /api/images). One server "
           f"process, one model forward pass at a time; {os.cpu_count()} CPUs, 1-minute load average at the end "
-          f"{result['machine']['load_avg_1m']} (a shared machine).", "",
+          f"{result['machine']['load_avg_1m']} (a shared machine)."), "",
           "| searches | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors | adds | add p50 ms |",
           "|---|---|---|---|---|---|---|---|---|",
-          f"| {result['searches_ok']} | {result['requests_per_s']} | {lat['p50']} | {lat['p90']} | {lat['p99']} | "
-          f"{lat['max']} | {result['errors']} | {result['adds_ok']}/{len(adds)} | {result['add_latency_ms']['p50']} |",
-          "", f"Index afterwards against a fresh build of the same {check['fresh_rows']} files: same rows "
+          (f"| {result['searches_ok']} | {result['requests_per_s']} | {lat['p50']} | {lat['p90']} | {lat['p99']} | "
+          f"{lat['max']} | {result['errors']} | {result['adds_ok']}/{len(adds)} | {result['add_latency_ms']['p50']} |"),
+          "", (f"Index afterwards against a fresh build of the same {check['fresh_rows']} files: same rows "
           f"{check['same_rows']} ({check['served_rows']} served, {check['fresh_rows']} fresh), minimum cosine "
-          f"{check['min_cosine']}: **{'equal' if check['equal'] else 'NOT equal'}**.", "",
-          f"Reproduce: `python benchmarks/serve_load.py --clients {args.clients} --duration {args.duration:g} "
-          f"--adds {args.adds}`"]
+          f"{check['min_cosine']}: **{'equal' if check['equal'] else 'NOT equal'}**."), "",
+          (f"Reproduce: `python benchmarks/serve_load.py --clients {args.clients} --duration {args.duration:g} "
+          f"--adds {args.adds}`")]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     if not args.work:

@@ -142,7 +142,7 @@ def test_optimize_keeps_rows_and_results(tmp_path, capsys):
 
 
 def test_grown_in_place_without_retraining(tmp_path):
-    d, vecs = _store(tmp_path, 2000, factory=IVF)
+    d, _vecs = _store(tmp_path, 2000, factory=IVF)
     with IndexStore.open(d) as st:
         cents0 = faiss.extract_index_ivf(st.faiss()).quantizer.reconstruct_n(0, 32)
     more = clustered(300, 11)
@@ -177,7 +177,7 @@ def test_auto_index_switches_structure_when_it_grows(tmp_path, monkeypatch):
     # the rule's thresholds lowered so that a test-sized index crosses them (the rule itself is unchanged)
     monkeypatch.setattr(ann, "FLAT_MAX", 2000)
     monkeypatch.setattr(ann, "NLIST_MIN", 16)
-    d, vecs = _store(tmp_path, 1500)
+    d, _vecs = _store(tmp_path, 1500)
     with IndexStore.open(d) as st:
         assert st.describe_faiss()["built_as"] == "Flat"
     more = clustered(1500, 12)
