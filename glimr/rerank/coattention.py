@@ -382,6 +382,31 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
     return load_locals(d), res.descriptors
 
 
+def _fitted_params(cache, net, items, cfg, max_size: int, kw: dict):
+    """The PCA / codebook learned from ``items`` (at scale 1), kept in ``cache`` beside the samples' features:
+    the same fit serves every evaluated set (the 65,536-word codebook of the paper's configuration takes
+    minutes to learn)."""
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from glimr.extract.local import fit_params  # noqa: PLC0415
+
+    d = None
+    if cache is not None:
+        fields = [kw.get("ident"), [str(p) for p in items], cfg.to_json(), max_size, kw.get("precision")]
+        key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        d = Path(cache) / f"ca-params__{key}"
+        if (d / "params.json").is_file():
+            params = CoAttentionParams.load(d)
+            if params.cfg == cfg:
+                return params
+    s_locs, _ = cached_locals(cache, "ca-samples", net, items, None, cfg, (1.0,), max_size, **kw)
+    params = fit_params([x for x in s_locs if x is not None], cfg)
+    if d is not None:
+        params.save(d)
+    return params
+
+
 def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=None, model="gem-lite0",
                   checkpoint=None, scales="paper", max_size: int = 512, fit=None, samples=None,
                   n_samples: int = 1000, cache=None, config: str = "default", clusters: int | None = None,
@@ -402,7 +427,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
     name): a folder separate from the evaluated images (default: $GLIMR_FIT_IMAGES or ../shared/data/photos),
     or "database" (transductive); which one is appended to ``notes`` (and printed with ``progress``).
     Returns the [Ndb, Nq] ranking; the global ``ranks`` order the images the inverted file leaves out."""
-    from glimr.extract.local import PAPER_SCALES, LocalConfig, fit_params, resolve_fit_images, sample_items  # noqa: PLC0415
+    from glimr.extract.local import PAPER_SCALES, LocalConfig, resolve_fit_images, sample_items  # noqa: PLC0415
     from glimr.extract.multiscale import parse_scales  # noqa: PLC0415
 
     if net is None:
@@ -427,8 +452,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
     if progress:
         print(line, file=sys.stderr)
     kw = dict(workers=workers, ident=ident, progress=progress, precision=precision)
-    s_locs, _ = cached_locals(cache, "ca-samples", net, s_items, None, cfg, (1.0,), max_size, **kw)
-    params = fit_params([x for x in s_locs if x is not None], cfg)
+    params = _fitted_params(cache, net, s_items, cfg, max_size, kw)
     q_locs, _ = cached_locals(cache, "ca-queries", net, list(query_paths), query_boxes, cfg, sc, max_size, **kw)
     db_locs, _ = cached_locals(cache, "ca-database", net, list(db_paths), None, cfg, sc, max_size, **kw)
     if any(x is None for x in q_locs):

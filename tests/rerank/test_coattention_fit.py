@@ -69,11 +69,20 @@ def test_eval_reranker_fits_on_the_separate_collection_and_says_so(shared_data, 
     _copy(shared_data / "photos", sorted(p.name for p in (shared_data / "photos").iterdir())[:12], fit_dir)
     common = "n=40,clusters=2,dim=8,scales=1,words=0"
     # glimr eval hands the images, the evaluated network and its image size to the re-ranker
-    rep = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",
+    cache = tmp_path / "cache"
+    rep = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32", cache_dir=cache,
                    rerank=f"coattention:fit={fit_dir},{common}")
     note = [n for n in rep.notes if "co-attention" in n]
     assert len(note) == 1 and str(fit_dir) in note[0] and "12 images" in note[0] and "transductive" not in note[0]
     assert rep.metrics["mAP"] > 50                                     # 3 objects: the views are found
+    # the fit is kept beside the cache and serves the next evaluation without the samples' features
+    assert len(list(cache.glob("ca-params__*/params.json"))) == 1
+    for d in cache.glob("ca-samples__*"):
+        shutil.rmtree(d)
+    again = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32", cache_dir=cache,
+                     rerank=f"coattention:fit={fit_dir},{common}")
+    assert not list(cache.glob("ca-samples__*"))
+    assert again.metrics["mAP"] == rep.metrics["mAP"]                  # the same parameters: the same ranking
     rep_db = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",     # the old form
                       rerank=f"coattention:dataset={root},fit=database,{common},model=gem-lite0,max_size=128")
     assert any("transductive" in n for n in rep_db.notes)
