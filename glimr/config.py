@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 
 __all__ = ["check_number", "finite_float", "float_in", "int_in", "nonnegative_float", "nonnegative_int",
            "positive_float", "positive_int", "settings_from_json"]
@@ -98,6 +99,22 @@ def check_number(name: str, value, kind, *, optional: bool = False) -> int | flo
         return kind(value)
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def whole_number(name: str, v, lo: int, hi: int, none_ok: bool = False) -> int | None:
+    """A settings dataclass's integer field ``name``: ``v`` as an int in [lo, hi] (an integral float passes),
+    None when ``none_ok``; else a ValueError naming the field."""
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be from {lo} to {hi}, got {v}")
+    return v
 
 
 def settings_from_json(cls, d, what: str):

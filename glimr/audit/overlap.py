@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glimr.config import whole_number
 from glimr.io.atomic import atomic_write_bytes
 
 __all__ = ["AuditSettings", "EvalImage", "EvalSet", "build_train_index", "flag_classes", "load_eval_set",
@@ -77,9 +78,7 @@ class AuditSettings:
         for name, lo, hi in (("top", 1, 10_000), ("min_inliers", 4, 100_000), ("min_images", 1, 1_000_000),
                              ("evidence", 1, 100), ("chunk", 1, 100_000), ("sv_workers", 0, 256),
                              ("thumb", 32, 4096), ("lines", 0, 10_000)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"audit setting {name} must be an integer in [{lo}, {hi}], got {v!r}")
+            object.__setattr__(self, name, whole_number(f"audit setting {name}", getattr(self, name), lo, hi))
 
     def sv_config(self):
         from glimr.rerank.sv import SVConfig

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from glimr.config import whole_number
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from glimr.models.precision import autocast
 
@@ -82,20 +83,6 @@ def parse_scales(spec: str | Sequence[float]) -> tuple[float, ...]:
     return scales
 
 
-def _int_in(name: str, v, lo: int, hi: int, none_ok: bool = False) -> int | None:
-    if v is None and none_ok:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        else:
-            raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
-    v = int(v)
-    if not lo <= v <= hi:
-        raise ValueError(f"{name} must be from {lo} to {hi}, got {v}")
-    return v
-
-
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -126,11 +113,11 @@ class ExtractSettings:
         if not isinstance(self.model, str) or not self.model.strip() or len(self.model) > 200:
             raise ValueError(f"model must be a model name (see `glimr models`), got {self.model!r}")
         object.__setattr__(self, "scales", parse_scales(self.scales))
-        object.__setattr__(self, "max_size", _int_in("max_size (--max-size)", self.max_size, 1, MAX_SIDE))
-        object.__setattr__(self, "batch_size", _int_in("batch_size (--batch-size)", self.batch_size, 1, MAX_BATCH))
-        object.__setattr__(self, "workers", _int_in("workers (--workers)", self.workers, 0, MAX_WORKERS,
+        object.__setattr__(self, "max_size", whole_number("max_size (--max-size)", self.max_size, 1, MAX_SIDE))
+        object.__setattr__(self, "batch_size", whole_number("batch_size (--batch-size)", self.batch_size, 1, MAX_BATCH))
+        object.__setattr__(self, "workers", whole_number("workers (--workers)", self.workers, 0, MAX_WORKERS,
                                                     none_ok=True))
-        object.__setattr__(self, "max_pixels", _int_in("max_pixels (--max-pixels)", self.max_pixels, 1,
+        object.__setattr__(self, "max_pixels", whole_number("max_pixels (--max-pixels)", self.max_pixels, 1,
                                                        MAX_PIXELS_LIMIT))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision (--precision) must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

@@ -96,16 +96,16 @@ class RaySettings:
     stall_timeout: float = 1800.0
 
     def __post_init__(self):
-        from glimr.extract.multiscale import _int_in
+        from glimr.config import whole_number
 
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()
                                          or len(self.address) > 500):
             raise ValueError(f"Ray address must be HOST:PORT, 'auto' or empty (local), got {self.address!r}")
-        object.__setattr__(self, "actors", _int_in("actors (--ray-actors)", self.actors, 1, MAX_ACTORS,
+        object.__setattr__(self, "actors", whole_number("actors (--ray-actors)", self.actors, 1, MAX_ACTORS,
                                                    none_ok=True))
-        object.__setattr__(self, "in_flight", _int_in("in_flight", self.in_flight, 1, 64))
-        object.__setattr__(self, "task_size", _int_in("task_size", self.task_size, 1, 1_000_000))
-        object.__setattr__(self, "max_attempts", _int_in("max_attempts", self.max_attempts, 1, 100))
+        object.__setattr__(self, "in_flight", whole_number("in_flight", self.in_flight, 1, 64))
+        object.__setattr__(self, "task_size", whole_number("task_size", self.task_size, 1, 1_000_000))
+        object.__setattr__(self, "max_attempts", whole_number("max_attempts", self.max_attempts, 1, 100))
         for name, lo_open, hi in (("cpus", True, 1024), ("gpus", False, 64), ("start_timeout", True, 1e6),
                                   ("stall_timeout", True, 1e7)):
             v = getattr(self, name)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from glimr.extract.multiscale import ExtractSettings, _int_in
+from glimr.config import whole_number
+from glimr.extract.multiscale import ExtractSettings
 
 FORMAT_VERSION = 2
 MAX_CHUNK = 1_000_000
@@ -58,8 +59,8 @@ class IndexSettings:
     coattention: dict | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "dim", _int_in("dim", self.dim, 1, MAX_DIM))
-        object.__setattr__(self, "chunk_size", _int_in("chunk_size (--chunk-size)", self.chunk_size, 1, MAX_CHUNK))
+        object.__setattr__(self, "dim", whole_number("dim", self.dim, 1, MAX_DIM))
+        object.__setattr__(self, "chunk_size", whole_number("chunk_size (--chunk-size)", self.chunk_size, 1, MAX_CHUNK))
         check_factory(self.dim, self.factory)
         ca = self.coattention
         if ca is not None:

@@ -40,9 +40,10 @@ class SearchSettings:
     fallback: str = "zero"
 
     def __post_init__(self):
-        from glimr.extract.multiscale import PRECISIONS, _int_in, parse_scales
+        from glimr.config import whole_number
+        from glimr.extract.multiscale import PRECISIONS, parse_scales
 
-        object.__setattr__(self, "top", _int_in("top", self.top, 1, MAX_TOP))
+        object.__setattr__(self, "top", whole_number("top", self.top, 1, MAX_TOP))
         if self.rerank not in RERANKS:
             raise ValueError(f"rerank must be one of {', '.join(RERANKS)}, got {self.rerank!r}")
         if self.precision not in PRECISIONS:
@@ -59,8 +60,8 @@ class SearchSettings:
             if self.rerank == "coattention":
                 raise ValueError("--query-scales does not apply to --rerank coattention (it uses the index's "
                                  "co-attention scales)")
-        object.__setattr__(self, "qe_n", _int_in("qe_n", self.qe_n, 0, 1000))
-        object.__setattr__(self, "shortlist", _int_in("shortlist", self.shortlist, 1, 10_000_000, none_ok=True))
+        object.__setattr__(self, "qe_n", whole_number("qe_n", self.qe_n, 0, 1000))
+        object.__setattr__(self, "shortlist", whole_number("shortlist", self.shortlist, 1, 10_000_000, none_ok=True))
         for name, lo in (("qe_alpha", 0.0), ("temperature", 0.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo \

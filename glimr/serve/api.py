@@ -66,14 +66,14 @@ class ServeSettings:
     concurrency: int = 1
 
     def __post_init__(self):
-        from glimr.extract.multiscale import _int_in
+        from glimr.config import whole_number
 
-        _int_in("max_upload_bytes (--max-upload-mb)", self.max_upload_bytes, 1024, 1 << 34)
-        _int_in("max_pixels (--max-pixels)", self.max_pixels, 1, 10**10)
-        _int_in("max_top (--max-top)", self.max_top, 1, 10_000)
-        _int_in("default_top", self.default_top, 1, self.max_top)
-        _int_in("queries_kept", self.queries_kept, 1, 100_000)
-        _int_in("concurrency (--concurrency)", self.concurrency, 1, 64)
+        whole_number("max_upload_bytes (--max-upload-mb)", self.max_upload_bytes, 1024, 1 << 34)
+        whole_number("max_pixels (--max-pixels)", self.max_pixels, 1, 10**10)
+        whole_number("max_top (--max-top)", self.max_top, 1, 10_000)
+        whole_number("default_top", self.default_top, 1, self.max_top)
+        whole_number("queries_kept", self.queries_kept, 1, 100_000)
+        whole_number("concurrency (--concurrency)", self.concurrency, 1, 64)
 
 
 class ApiError(Exception):
