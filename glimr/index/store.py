@@ -618,6 +618,12 @@ class IndexStore:
                   file=sys.stderr)
         self._faiss = index
 
+    def rebuild_faiss_in_memory(self):
+        """A fresh FAISS index over the live rows, kept in this object only (nothing written; for a read-only
+        store whose rows moved on since faiss.index was saved, e.g. a service's snapshot)."""
+        self._faiss = self._make_faiss()[0]
+        return self._faiss
+
     def faiss(self):
         if self._faiss is None:
             if self.writable:

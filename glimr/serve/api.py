@@ -123,7 +123,7 @@ class Snapshot:
             store.db = _FrozenDB(mem)
             vids, paths = store.live()
             if not store.faiss_is_current() or store.faiss().ntotal != len(vids):
-                store._faiss = store._make_faiss()[0]   # another process's build moved on since open()
+                store.rebuild_faiss_in_memory()   # another process's build moved on since open()
             self.reranks = self._reranks(store)
         except BaseException:
             store.close()
