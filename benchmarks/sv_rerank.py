@@ -27,7 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="0.25,0.5,1")
     ap.add_argument("--min-inliers", default="0,10,15,20")
     ap.add_argument("--caps", default="25,40,60,100")
-    ap.add_argument("--sv", default="", help="extra SVConfig fields, e.g. ratio=0.75,method=magsac")
+    ap.add_argument("--sv", default="", help="extra SVConfig fields, e.g. ratio=0.75,method=magsac or kind=deep "
+                                              "(each model's own res4 features)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="of the global descriptors (fp32: the cached ones of `glimr eval --precision fp32`)")
     args = ap.parse_args(argv)
 
     from glimr.eval.evaluate import evaluate, load_eval_set, parse_rerank
@@ -35,16 +38,24 @@ def main(argv=None) -> int:
 
     extra = parse_rerank("sv:" + args.sv)[1] if args.sv else {}
     base = sv.SVConfig.from_params(top=args.top, **extra)
-    default = sv.SVConfig()
+    deep = base.features.kind == "deep"
+    default = sv.SVConfig.from_params(**({"kind": "deep"} if deep else {}))
     for ds in args.datasets:
         ev = load_eval_set(ds)
-        fc = sv.FeatureCache(os.path.join(args.cache, "sv"), base.features)
-        t0 = time.perf_counter()
-        q_feats = fc.get_many([(p, None, b) for p, b in zip(ev.query_paths, ev.query_boxes or
-                                                             [None] * len(ev.query_paths))], base.n_workers, False)
-        t_q = (time.perf_counter() - t0) / len(ev.query_paths)
         for model in args.models:
-            rep = evaluate(ev, model=model, cache_dir=args.cache, keep=True, progress=False)
+            net = None
+            if deep:
+                from glimr.models.registry import build_model
+
+                net = build_model(model)
+            fc = sv.FeatureCache(os.path.join(args.cache, "sv"), base.features, net)
+            t0 = time.perf_counter()
+            q_feats = fc.get_many([(p, None, b) for p, b in zip(ev.query_paths, ev.query_boxes or
+                                                                 [None] * len(ev.query_paths))],
+                                  base.n_workers, False)
+            t_q = (time.perf_counter() - t0) / len(ev.query_paths)
+            rep = evaluate(ev, model=model, cache_dir=args.cache, keep=True, progress=False,
+                           precision=args.precision)
             g = rep.metrics["mAP"]
             ranks = rep.ranks
             k = min(args.top, ranks.shape[0])
@@ -63,7 +74,7 @@ def main(argv=None) -> int:
             for w, m, c in sorted(set(grid) | {(default.weight, default.min_inliers, default.cap)}):
                 if c <= m:
                     continue
-                cfg = sv.SVConfig(weight=w, min_inliers=m, cap=c, top=k)
+                cfg = sv.SVConfig.from_params(weight=w, min_inliers=m, cap=c, top=k, **extra)
                 out = ranks.copy()
                 for j in range(ranks.shape[1]):
                     s = sv.combine_scores(gs[j], inl[j], cfg)

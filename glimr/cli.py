@@ -432,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  glimr search my-index query.jpg --query-scales 1,0.7071,0.5   "
                                    "(query pyramid; the database keeps the index's scales)\n"
                                    "  glimr search my-index query.jpg --rerank sv --shortlist 100   "
-                                   "(spatial verification of the global top 100)")
+                                   "(spatial verification of the global top 100)\n"
+                                   "  glimr search my-index query.jpg --rerank sv-deep   "
+                                   "(verification with the model's deep features)")
     p.add_argument("index", help="index folder made by `glimr index build`")
     p.add_argument("image", help="query image")
     p.add_argument("--crop", default=None, type=_box_arg, help="query box x0,y0,x1,y1 in the image's pixels")
@@ -445,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommended query scales (checkpoint config) if any, else the index's --scales. "
                         "Not used by --rerank coattention (it has its own)")
     r = p.add_argument_group("re-ranking")
-    r.add_argument("--rerank", default="none", choices=["none", "coattention", "qe", "aqe", "diffusion", "sv"],
+    r.add_argument("--rerank", default="none",
+                   choices=["none", "coattention", "qe", "aqe", "diffusion", "sv", "sv-deep"],
                    help="coattention: needs an index built with --coattention; diffusion: with --diffusion; "
                         "qe = alpha-QE, aqe = average QE; sv = spatial verification (SIFT + RANSAC) of the "
-                        "global top --shortlist (default 100), database features cached in INDEX/sv/")
+                        "global top --shortlist (default 100), database features cached in INDEX/sv/; sv-deep = "
+                        "the same with the model's own res4 features (day/night, seasons: where SIFT fails)")
     r.add_argument("--qe-n", type=int_in(0, 1000), default=0, help="query expansion neighbours (qe/aqe: default 2; "
                                                        "with coattention: co-attention + alpha-QE when > 0)")
     r.add_argument("--qe-alpha", type=float_in(0, 100), default=3.0, help="alpha of alpha-QE (0..100)")

@@ -129,6 +129,17 @@ class InstanceComposites(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def item_ids(self) -> list[str]:
+        return [f"c{i % self.num_classes}_v{i // self.num_classes}" for i in range(len(self))]
+
+    def describe(self) -> dict:
+        """What a view depends on (the feature cache's fingerprint)."""
+        return {"paths": self.paths, "long_side": self.long_side, "paste_scale": list(self.paste_scale),
+                "p_clean": self.p_clean, "clean_first": self.clean_first, "crop_area": list(self.crop_area),
+                "crop_ratio": list(self.crop_ratio), "bg_area": list(self.bg_area),
+                "illumination": self.illumination, "hflip": self.hflip,
+                "views_per_class": self.views_per_class, "seed": self.seed}
+
     def __getitem__(self, key):
         index, size = split_key(key)
         img, info = self.render(index, size)

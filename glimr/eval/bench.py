@@ -243,6 +243,36 @@ def _bold_best(values: list[float | None], fmt: str) -> list[str]:
     return ["-" if s is None else (f"**{s}**" if s == best_s and len(values) > 1 else s) for s in shown]
 
 
+def _cost_lines(runs: list[dict], methods: list[tuple]) -> list[str]:
+    """What each method costs: descriptor bytes per image (float32 in the index), extraction images/s on the
+    dataset whose extraction (not from the cache) took it longest in this run (the most pixels: the most
+    precise timing), and ranking + re-ranking ms per query on the largest database."""
+    rows = []
+    for m in methods:
+        mine = [r for r in runs if (r["method"]["label"], r["method"]["scales"], r["method"]["rerank"]) == m]
+        if not mine:
+            continue
+        dim = mine[0]["meta"]["dim"]
+        fresh = [r for r in runs if (r["method"]["label"], r["method"]["scales"]) == m[:2]
+                 and not r["meta"].get("descriptors_cached") and r["meta"]["extract_seconds"] > 0]
+        big = max(fresh, key=lambda r: r["meta"]["extract_seconds"], default=None)
+        ips = (f"{(big['meta']['n_queries'] + big['meta']['n_db']) / big['meta']['extract_seconds']:.1f} "
+               f"({big['dataset_label']})" if big else "cached")
+        top = max(mine, key=lambda r: r["meta"]["n_db"])
+        ms = 1000 * top["meta"]["rank_seconds"] / max(1, top["meta"]["n_queries"])
+        rows.append([m[0], _scales_label(m[1]), m[2], str(dim), str(4 * dim), ips,
+                     f"{ms:.1f} ({top['dataset_label']})"])
+    if not rows:
+        return []
+    header = ["Method", "Scales", "Re-rank", "dim", "bytes/image", "extraction images/s",
+              "ranking + re-rank ms/query"]
+    intro = ("Cost: descriptor bytes per image (float32), extraction images/s (queries at their scales and the "
+             "database, on the dataset whose extraction took longest in this run; cached: not extracted in this "
+             "run), ranking and re-ranking ms per query on the largest database.")
+    return ([intro, ""]
+            + _md_table(header, rows, [":--", ":--", ":--", "--:", "--:", "--:", "--:"]) + [""])
+
+
 def render_markdown(result: dict) -> str:
     """The markdown report (paper layout) from the JSON written by :func:`run_bench`."""
     runs = result["runs"]
@@ -272,6 +302,7 @@ def render_markdown(result: dict) -> str:
         for row, cell in zip(rows, _bold_best(vals, ".2f" if c[2] != "N-S" else ".3f")):
             row.append(cell)
     lines += _md_table(header, rows, [":--", ":--", ":--"] + ["--:"] * len(cols)) + [""]
+    lines += _cost_lines(runs, methods)
     # every metric, per dataset
     for label in dict.fromkeys(r["dataset_label"] for r in runs):
         ds_runs = [r for r in runs if r["dataset_label"] == label]

@@ -147,15 +147,18 @@ rerank_coattention.needs_images = True
 rerank_coattention.uses_model = True
 
 
-def rerank_sv(q_desc, db_desc, ranks, **params):
+def rerank_sv(q_desc, db_desc, ranks, net=None, max_size=None, precision=None, **params):
     """Spatial verification (SIFT/RootSIFT + RANSAC, OpenCV) of the global top-k:
-    ``sv:top=100,weight=1,min_inliers=8,cap=20,ratio=0.8,...`` (glimr/rerank/sv.py)."""
+    ``sv:top=100,weight=1,min_inliers=8,cap=20,ratio=0.8,...``; ``sv:kind=deep`` matches the evaluated
+    model's res4 features instead (glimr/rerank/sv.py)."""
     from glimr.rerank.sv import rerank_sv as fn
 
-    return fn(q_desc, db_desc, ranks, **params)
+    del max_size, precision            # deep features: their own size (sv's max_side), fp32
+    return fn(q_desc, db_desc, ranks, net=net, **params)
 
 
 rerank_sv.needs_images = True
+rerank_sv.uses_model = True
 
 #: name -> ``fn(q_desc, db_desc, ranks, **params) -> ranks`` (see the module doc).
 RERANKERS: dict[str, Reranker] = {

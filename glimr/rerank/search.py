@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-RERANKS = ("none", "coattention", "qe", "aqe", "diffusion", "sv")
+RERANKS = ("none", "coattention", "qe", "aqe", "diffusion", "sv", "sv-deep")
 FALLBACKS = ("zero", "last", "proxy")
 MAX_TOP = 10_000            # at most this many results
 
@@ -25,7 +25,8 @@ class SearchSettings:
     rerank: one of RERANKS; precision: auto/fp32/bf16; query_scales: the query's scales (None: the model's
     recommended ones, else the index's); qe_n, qe_alpha: query expansion (qe/aqe: n defaults to 2; with
     coattention: co-attention + alpha-QE when > 0); temperature, no_ivf, fallback: co-attention; shortlist:
-    co-attention candidates / sv's verified global top."""
+    co-attention candidates / sv's verified global top. sv-deep: spatial verification with the model's own res4
+    features (glimr.rerank.sv, ``kind=deep``) instead of SIFT."""
 
     top: int = 10
     box: tuple[float, float, float, float] | None = None
@@ -118,10 +119,12 @@ def search_image(store, model, image: str | Path, settings: SearchSettings) -> l
         from glimr.rerank.diffusion import search_store as df_search
 
         return df_search(store, q, top)
-    if settings.rerank == "sv":
+    if settings.rerank in ("sv", "sv-deep"):
         from glimr.rerank.sv import SVConfig
         from glimr.rerank.sv import search_store as sv_search
 
-        cfg = SVConfig(top=settings.shortlist) if settings.shortlist else SVConfig()
-        return sv_search(store, q, image, top, box=box, cfg=cfg)
+        params = {"kind": "deep"} if settings.rerank == "sv-deep" else {}
+        if settings.shortlist:
+            params["top"] = settings.shortlist
+        return sv_search(store, q, image, top, box=box, cfg=SVConfig.from_params(**params), net=model)
     return store.search(res.descriptors, top)[0]

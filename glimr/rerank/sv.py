@@ -35,6 +35,19 @@ best 77.05 mAP at 1/6/20, 76.63 at 1/8/20); ``min_inliers`` = 8 rather than 6 ke
 with ``cap`` inliers ranks above every unverified pair (global cosine <= 1), and verified pairs keep the
 global order among themselves.
 
+Deep features (``sv:kind=deep``; ``glimr search --rerank sv-deep``): SIFT fails across day and night, seasons
+and wide baselines (on real-dev only 3 of 56 same-place pairs reach 8 SIFT inliers). The evaluated model's own
+res4 map (stride 16: one feature per cell, :func:`deep_features`, the dense-feature side of DELF/DELG without
+a trained keypoint detector) matches there: the 400 strongest cells of the image at 512 px, mutual nearest
+neighbours by cosine (one feature per cell, so one-to-one already; Lowe's ratio test only if ``ratio`` < 1,
+off by default), the same RANSAC homography with a threshold of one cell (16 px). Chance is higher than with SIFT (400 mutual neighbours always exist), so its
+``min_inliers`` / ``cap`` (22 / 34, :data:`DEEP_DEFAULTS`) were set on TRAINING photos, not on an evaluation
+set: 22 is the 99.9th percentile of the inliers between 2,000 pairs of unrelated photos of
+``../shared/data/photos`` with the default model (median 9, max 29;
+``benchmarks/sv_deep_calibration.py``, ``benchmarks/results/sv_deep_calibration.json``), and the cap keeps
+SIFT's width of 12 inliers. The threshold (one cell) and 400 cells were not tuned. Features depend on the
+backbone's weights: the cache folder name includes their fingerprint.
+
 Caching (:class:`FeatureCache`): one ``.npz`` per image (``allow_pickle=False``: keypoints float32, descriptors
 uint8), keyed by the image's content hash, its crop box and the feature settings, written atomically, so
 a rebuilt or changed image is re-extracted and a killed process never leaves half a file. An index keeps
@@ -59,12 +72,15 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "DEEP_DEFAULTS",
     "FeatureCache",
     "FeatureConfig",
     "LocalFeatures",
     "SVConfig",
     "VerifyResult",
+    "backbone_fingerprint",
     "combine_scores",
+    "deep_features",
     "inlier_bonus",
     "local_features",
     "rerank_sv",
@@ -74,6 +90,13 @@ __all__ = [
 ]
 
 _GEOMETRIES = ("homography", "fundamental")
+_KINDS = ("sift", "deep")
+#: ``sv:kind=deep``'s defaults (any can still be given): 400 cells of the res4 map (stride 16) of the image at
+#: 512 px, a RANSAC threshold of one cell, and min_inliers / cap set above chance on TRAINING photos: the
+#: inliers between unrelated photos of ../shared/data/photos (benchmarks/sv_deep_calibration.py).
+#: No ratio test (ratio=1): with ratio 0.9 chance drops (p99.9 9 inliers) but so do the true matches.
+DEEP_DEFAULTS = {"max_keypoints": 400, "max_side": 512, "min_side": 512, "threshold": 16.0, "ratio": 1.0,
+                 "min_inliers": 22, "cap": 34}
 _METHODS = {"ransac": cv2.RANSAC, "magsac": cv2.USAC_MAGSAC}
 
 
@@ -82,16 +105,21 @@ _METHODS = {"ransac": cv2.RANSAC, "magsac": cv2.USAC_MAGSAC}
 class FeatureConfig:
     """How local features are extracted (these settings key the cache).
 
-    ``max_keypoints``: keep the strongest N (SIFT detector response); ``max_side``: images whose longest side
-    is larger are downscaled to it; ``min_side``: images whose longest side is smaller are upscaled to it
-    (0 = never); ``max_pixels``: the decoder's cap (glimr.io.images)."""
+    ``kind``: "sift" (OpenCV SIFT, RootSIFT when matched) or "deep" (the model's own res4 feature map: one
+    feature per cell, :func:`deep_features`); ``max_keypoints``: keep the strongest N (SIFT detector response;
+    deep: the cells with the largest activation norm); ``max_side``: images whose longest side is larger are
+    downscaled to it; ``min_side``: images whose longest side is smaller are upscaled to it (0 = never);
+    ``max_pixels``: the decoder's cap (glimr.io.images)."""
 
     max_keypoints: int = 1000
     max_side: int = 1024
     min_side: int = 512
     max_pixels: int = 100_000_000
+    kind: str = "sift"
 
     def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
         if self.max_keypoints < 8:
             raise ValueError(f"max_keypoints must be >= 8 (a homography needs 4 matches), got {self.max_keypoints}")
         if self.max_side < 32:
@@ -101,6 +129,8 @@ class FeatureConfig:
 
     def key(self) -> str:
         d = {"v": 1, "sift": cv2.__version__.split(".")[0], **asdict(self)}
+        if self.kind == "sift":
+            d.pop("kind")                              # SIFT caches written before deep features stay valid
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -151,6 +181,8 @@ class SVConfig:
         """From ``--rerank sv:key=value`` parameters: any field of this class or of :class:`FeatureConfig`."""
         fkeys = set(FeatureConfig.__dataclass_fields__)
         skeys = set(cls.__dataclass_fields__) - {"features"}
+        if str(params.get("kind", "sift")) == "deep":
+            params = {**DEEP_DEFAULTS, **params}
         unknown = set(params) - fkeys - skeys
         if unknown:
             raise ValueError(f"sv re-ranker: unknown parameter(s) {sorted(unknown)}; known: "
@@ -172,8 +204,9 @@ class SVConfig:
 # ------------------------------------------------------------------------------------------ features
 @dataclass
 class LocalFeatures:
-    """Keypoints ``xy`` [N, 2] float32 (pixels of the feature image), ``desc`` [N, 128] uint8 SIFT, and the
-    feature image's ``size`` (width, height) and its ``scale`` from the (cropped) original."""
+    """Keypoints ``xy`` [N, 2] float32 (pixels of the feature image), ``desc`` [N, 128] uint8 SIFT or [N, C]
+    float16 L2-normalised deep features, and the feature image's ``size`` (width, height) and its ``scale``
+    from the (cropped) original."""
 
     xy: np.ndarray
     desc: np.ndarray
@@ -185,7 +218,8 @@ class LocalFeatures:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, xy=self.xy.astype(np.float32), desc=self.desc.astype(np.uint8),
+        desc = self.desc if self.desc.dtype == np.float16 else self.desc.astype(np.uint8)
+        np.savez(buf, xy=self.xy.astype(np.float32), desc=desc,
                  size=np.asarray(self.size, np.int64), scale=np.asarray(self.scale, np.float64))
         return buf.getvalue()
 
@@ -205,15 +239,18 @@ def _sift(n: int):
     return d[1]
 
 
-def local_features(image, box=None, cfg: FeatureConfig | None = None, **params) -> LocalFeatures:
+def local_features(image, box=None, cfg: FeatureConfig | None = None, net=None, **params) -> LocalFeatures:
     """SIFT keypoints and descriptors of ``image`` (a path, decoded by glimr.io.images, or a PIL image or an
-    RGB/grey uint8 array), cropped to ``box`` (x0, y0, x1, y1 in the image's pixels) first.
+    RGB/grey uint8 array), cropped to ``box`` (x0, y0, x1, y1 in the image's pixels) first; with
+    ``kind="deep"``, the res4 features of ``net`` (a glimr model) instead (:func:`deep_features`).
     Settings: ``cfg`` or FeatureConfig fields as keywords. Raises glimr.io.images.ImageError."""
     from PIL import Image
 
     from glimr.io.images import load_image
 
     cfg = cfg or FeatureConfig(**params)
+    if cfg.kind == "deep" and net is None:
+        raise ValueError("sv:kind=deep needs the model whose res4 features it matches (net=)")
     if isinstance(image, (str, os.PathLike)):
         img = load_image(image, cfg.max_pixels)
         name = os.fspath(image)
@@ -227,13 +264,10 @@ def local_features(image, box=None, cfg: FeatureConfig | None = None, **params) 
         from glimr.extract.multiscale import crop_box
 
         img = crop_box(img, tuple(box), name)
+    if cfg.kind == "deep":
+        return deep_features(net, img, cfg)
     gray = img.convert("L")
-    longest = max(gray.size)
-    scale = 1.0
-    if longest > cfg.max_side:
-        scale = cfg.max_side / longest
-    elif cfg.min_side and longest < cfg.min_side:
-        scale = cfg.min_side / longest
+    scale = _feature_scale(gray.size, cfg)
     if scale != 1.0:
         size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
         gray = gray.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
@@ -245,6 +279,46 @@ def local_features(image, box=None, cfg: FeatureConfig | None = None, **params) 
     order = np.argsort([-k.response for k in kps], kind="stable")[:cfg.max_keypoints]
     xy = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
     return LocalFeatures(xy, np.asarray(desc, np.uint8)[order], gray.size, scale)
+
+
+def _feature_scale(size: tuple[int, int], cfg: FeatureConfig) -> float:
+    longest = max(size)
+    if longest > cfg.max_side:
+        return cfg.max_side / longest
+    if cfg.min_side and longest < cfg.min_side:
+        return cfg.min_side / longest
+    return 1.0
+
+
+def deep_features(net, img, cfg: FeatureConfig) -> LocalFeatures:
+    """Deep local features (DELF/DELG-style dense features, without a trained detector): ``net``'s backbone
+    res4 map (stride 16 on EfficientNet-Lite and ResNet) of ``img`` (PIL, already cropped) resized as SIFT's
+    image is (``max_side`` / ``min_side``); each cell is a keypoint at its centre, the ``max_keypoints`` cells
+    with the largest activation norm are kept, and their channel vectors, L2-normalised, are the descriptors
+    (float16). fp32, eval mode, no gradient."""
+    import torch
+    from PIL import Image
+
+    scale = _feature_scale(img.size, cfg)
+    if scale != 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), np.uint8).copy()).permute(2, 0, 1)[None].float() / 255.0
+    bb = net.backbone
+    was = bb.training
+    bb.eval()
+    try:
+        with torch.inference_mode():
+            f = bb.forward_res4(x.to(next(bb.parameters()).device)).float()[0]
+    finally:
+        bb.train(was)
+    c, h, w = f.shape
+    v = f.reshape(c, h * w).T
+    order = torch.argsort(-v.norm(dim=1), stable=True)[:cfg.max_keypoints]
+    sx, sy = img.width / w, img.height / h
+    xy = torch.stack([(order % w + 0.5) * sx, (order // w + 0.5) * sy], dim=1)
+    desc = torch.nn.functional.normalize(v[order], dim=1)
+    return LocalFeatures(xy.numpy().astype(np.float32), desc.cpu().numpy().astype(np.float16), img.size, scale)
 
 
 def _as_float(desc: np.ndarray, rootsift: bool) -> np.ndarray:
@@ -282,6 +356,20 @@ def verify_pair(feats_a: LocalFeatures, feats_b: LocalFeatures, cfg: SVConfig | 
     min_pts = 4 if cfg.geometry == "homography" else 8
     if len(feats_a) < min_pts or len(feats_b) < min_pts:
         return _empty()
+    if feats_a.desc.dtype == np.float16 or feats_b.desc.dtype == np.float16:
+        if feats_a.desc.dtype != feats_b.desc.dtype or feats_a.desc.shape[1] != feats_b.desc.shape[1]:
+            raise ValueError("sv: deep features cannot be matched with SIFT features or another model's")
+        # deep features: mutual nearest neighbours by cosine (one feature per cell: one-to-one already) that
+        # pass Lowe's ratio test on the L2 distance of the unit vectors, sqrt(2 - 2 cos)
+        sim = feats_a.desc.astype(np.float32) @ feats_b.desc.astype(np.float32).T
+        ib_all = sim.argmax(axis=1)
+        keep = sim.argmax(axis=0)[ib_all] == np.arange(len(ib_all))
+        if cfg.ratio < 1 and sim.shape[1] >= 2:
+            two = -np.partition(-sim, 1, axis=1)[:, :2]                      # best, second best cosine
+            dist = np.sqrt(np.clip(2.0 - 2.0 * two, 0.0, None))
+            keep &= dist[:, 0] < cfg.ratio * dist[:, 1]
+        ia = np.flatnonzero(keep)
+        return _fit_geometry(feats_a.xy[ia], feats_b.xy[ib_all[ia]], cfg, min_pts)
     da, db = _as_float(feats_a.desc, cfg.rootsift), _as_float(feats_b.desc, cfg.rootsift)
     bf = cv2.BFMatcher(cv2.NORM_L2)
     knn = bf.knnMatch(da, db, k=2)
@@ -310,11 +398,16 @@ def verify_pair(feats_a: LocalFeatures, feats_b: LocalFeatures, cfg: SVConfig | 
         keep_b[fb] = True
         keep &= keep_b
         ia, ib = ia[keep], ib[keep]
-    n = len(ia)
+    return _fit_geometry(feats_a.xy[ia], feats_b.xy[ib], cfg, min_pts)
+
+
+def _fit_geometry(pa: np.ndarray, pb: np.ndarray, cfg: SVConfig, min_pts: int) -> VerifyResult:
+    """RANSAC/MAGSAC homography or fundamental matrix of the matched points ``pa`` -> ``pb``."""
+    n = len(pa)
     if n < min_pts:
         return _empty(n)
-    pa = np.ascontiguousarray(feats_a.xy[ia], np.float32)
-    pb = np.ascontiguousarray(feats_b.xy[ib], np.float32)
+    pa = np.ascontiguousarray(pa, np.float32)
+    pb = np.ascontiguousarray(pb, np.float32)
     cv2.setRNGSeed(0)
     method = _METHODS[cfg.method]
     try:
@@ -348,6 +441,15 @@ def combine_scores(global_scores, inliers, cfg: SVConfig | None = None, **params
 
 
 # ------------------------------------------------------------------------------------------ cache
+def backbone_fingerprint(net) -> str:
+    """SHA-1 (10 hex digits) of the backbone's name and its stem-to-res4 parameters: deep features of
+    different weights never share a cache."""
+    h = hashlib.sha1(net.backbone.name.encode())
+    for t in net.backbone.stem_to_res4.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
 class FeatureCache:
     """Local features per image, extracted on demand and stored in ``folder`` (None: memory only).
 
@@ -356,9 +458,12 @@ class FeatureCache:
     ``extracted`` / ``loaded`` count what was computed and what came from disk; ``errors`` maps a path to its
     ImageError message (an unreadable image has no features: None)."""
 
-    def __init__(self, folder: str | os.PathLike | None, cfg: FeatureConfig):
-        self.cfg = cfg
-        self.dir = Path(folder) / cfg.key() if folder is not None else None
+    def __init__(self, folder: str | os.PathLike | None, cfg: FeatureConfig, net=None):
+        self.cfg, self.net = cfg, net
+        if cfg.kind == "deep" and net is None:
+            raise ValueError("sv:kind=deep needs the model whose res4 features it matches (net=)")
+        name = cfg.key() + (f"-{backbone_fingerprint(net)}" if cfg.kind == "deep" else "")
+        self.dir = Path(folder) / name if folder is not None else None
         self.extracted = 0
         self.loaded = 0
         self.errors: dict[str, str] = {}
@@ -398,7 +503,7 @@ class FeatureCache:
                 feats = None
         if feats is None:
             try:
-                feats = local_features(path, box=box, cfg=self.cfg)
+                feats = local_features(path, box=box, cfg=self.cfg, net=self.net)
             except ImageError as e:
                 with self._lock:
                     self.errors[os.fspath(path)] = str(e)
@@ -422,6 +527,8 @@ class FeatureCache:
         """``items``: (path, content_hash or None, box or None) tuples; threads (OpenCV and PIL release the GIL)."""
         from tqdm.auto import tqdm
 
+        if self.cfg.kind == "deep":  # one forward pass at a time: torch already uses every core
+            workers = 1
         with ThreadPoolExecutor(max(1, workers)) as ex:
             it = ex.map(lambda t: self.get(*t), items)
             return list(tqdm(it, total=len(items), desc=desc, disable=not progress, leave=False))
@@ -452,16 +559,18 @@ def verify_shortlist(q_feats: Sequence[LocalFeatures | None], db_feats, pairs: S
 
 
 def rerank_sv(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=None, cache=None,
-              progress: bool = True, **params) -> np.ndarray:
-    """The eval re-ranker ``sv[:top=100,weight=..,min_inliers=..,cap=..,ratio=..,...]`` (see SVConfig and
-    FeatureConfig): the global top-``top`` of each query re-ordered by :func:`combine_scores`, the rest below
-    in their global order. ``cache``: a folder for the local features (``glimr eval --cache``)."""
+              progress: bool = True, net=None, **params) -> np.ndarray:
+    """The eval re-ranker ``sv[:top=100,weight=..,min_inliers=..,cap=..,ratio=..,kind=..,...]`` (see SVConfig
+    and FeatureConfig): the global top-``top`` of each query re-ordered by :func:`combine_scores`, the rest
+    below in their global order. ``cache``: a folder for the local features (``glimr eval --cache``); ``net``:
+    the evaluated model (``kind=deep`` matches its res4 features)."""
     cfg = SVConfig.from_params(**params)
     ranks = np.asarray(ranks)
     q = np.asarray(q_desc, np.float32)
     db = np.asarray(db_desc, np.float32)
     k = min(cfg.top, ranks.shape[0])
-    fc = FeatureCache(Path(cache) / "sv" if cache is not None else None, cfg.features)
+    fc = FeatureCache(Path(cache) / "sv" if cache is not None else None, cfg.features,
+                      net if cfg.features.kind == "deep" else None)
     boxes = list(query_boxes) if query_boxes is not None else [None] * len(query_paths)
     q_feats = fc.get_many([(p, None, b) for p, b in zip(query_paths, boxes)], cfg.n_workers, progress,
                           "sv query features")
@@ -485,8 +594,8 @@ def rerank_sv(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=None
 rerank_sv.needs_images = True  # glimr.eval passes query_paths, db_paths, query_boxes, cache, progress
 
 
-def search_store(store, q_vec: np.ndarray, image, k: int = 10, *, box=None, cfg: SVConfig | None = None
-                 ) -> list[tuple[str, float]]:
+def search_store(store, q_vec: np.ndarray, image, k: int = 10, *, box=None, cfg: SVConfig | None = None,
+                 net=None) -> list[tuple[str, float]]:
     """Search an index folder (glimr.index.store.IndexStore) with SV re-ranking: the global top ``cfg.top``
     (at least ``k``) by FAISS, verified against the query ``image`` (cropped to ``box``); database features
     cached in ``INDEX/sv/`` by the rows' content hashes, extracted on first use. [(path, score)] best first:
@@ -495,8 +604,9 @@ def search_store(store, q_vec: np.ndarray, image, k: int = 10, *, box=None, cfg:
     hits = store.search(np.asarray(q_vec, np.float32).reshape(1, -1), max(cfg.top, k))[0]
     if not hits:
         return []
-    fc = FeatureCache(store.dir / "sv", cfg.features)
-    qf = local_features(image, box=box, cfg=cfg.features)
+    deep = net if cfg.features.kind == "deep" else None
+    fc = FeatureCache(store.dir / "sv", cfg.features, deep)
+    qf = local_features(image, box=box, cfg=cfg.features, net=deep)
     rows = store.rows()
     root = Path(store.config.root) if store.config.root else Path(".")
     items = [(root / p, rows[p].hash if p in rows else None, None) for p, _ in hits]

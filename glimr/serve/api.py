@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from glimr.serve.metrics import CONTENT_TYPE, Metrics
 
 STATIC = Path(__file__).resolve().parent / "static"
-RERANK_CHOICES = ("none", "aqe", "qe", "diffusion", "coattention", "sv")
+RERANK_CHOICES = ("none", "aqe", "qe", "diffusion", "coattention", "sv", "sv-deep")
 WRITE_ROUTES = (("POST", "/api/images"),)   # + DELETE /api/images/{id}: checked before their body is read
 
 
@@ -138,7 +138,7 @@ class Snapshot:
         """rerank -> None when this index has what it needs, else what it needs."""
         from glimr.rerank.diffusion import DiffusionGraph, graph_state
 
-        out: dict[str, str | None] = {"none": None, "aqe": None, "qe": None, "sv": None}
+        out: dict[str, str | None] = {"none": None, "aqe": None, "qe": None, "sv": None, "sv-deep": None}
         out["coattention"] = None if store.config.coattention else \
             "needs an index built with `glimr index build --coattention`"
         gdir = store.dir / "diffusion"

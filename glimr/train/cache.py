@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from glimr.data import transforms as T
 from glimr.data.composites import InstanceComposites
 from glimr.data.samplers import aspect_groups, group_size
+from glimr.data.views import RealViews
 from glimr.io.atomic import atomic_write_bytes, atomic_write_npy
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from glimr.models.precision import autocast
@@ -307,37 +308,34 @@ def _keys_for(stage: str, keep_res4: bool = True) -> list[str]:
     return ["res4", "res5"] if stage == "res5" and keep_res4 else ([stage])
 
 
-def build_composite_cache(root: str | Path, backbone, dataset: InstanceComposites, *, stage: str = "res5",
+def build_composite_cache(root: str | Path, backbone, dataset: InstanceComposites | RealViews, *,
+                          stage: str = "res5",
                           keep_res4: bool = True, n_groups: int = 3, batch_size: int = 16, workers: int = 2,
                           precision: str = "auto", dtype: str = "float16", progress: bool = True
                           ) -> FeatureCache:
-    """Cache `dataset.views_per_class` fixed views per class (epoch 0 of `dataset`), each at the group size
-    of its photo's aspect ratio (`n_groups` aspect groups, longest side `dataset.long_side`)."""
+    """Cache the items of epoch 0 of `dataset` (composites: `views_per_class` fixed views per class; real
+    views: those and one per place image), each at the group size of its class's aspect ratio (`n_groups`
+    aspect groups, longest side `dataset.long_side`). Composites also get their pasted boxes (boxes.npy)."""
     keys = _keys_for(stage, keep_res4)
-    n = len(dataset)
     gid, reps = aspect_groups(dataset.class_aspects, n_groups)
     gsizes = [group_size(float(r), dataset.long_side) for r in reps]
     labels = dataset.labels
     sizes = [gsizes[gid[c]] for c in labels]
-    ids = [f"c{int(labels[i])}_v{i // dataset.num_classes}" for i in range(n)]
-    meta = {"version": CACHE_VERSION, "kind": "composites", "backbone": backbone.name,
+    ids = dataset.item_ids()
+    kind = dataset.describe().get("kind", "composites")
+    meta = {"version": CACHE_VERSION, "kind": kind, "backbone": backbone.name,
             "stage": stage, "keys": keys, "dtype": dtype, "precision": precision, "n_groups": n_groups,
-            "source": {"paths": dataset.paths, "long_side": dataset.long_side,
-                       "paste_scale": list(dataset.paste_scale), "p_clean": dataset.p_clean,
-                       "clean_first": dataset.clean_first, "crop_area": list(dataset.crop_area),
-                       "crop_ratio": list(dataset.crop_ratio),
-                       "bg_area": list(dataset.bg_area), "illumination": dataset.illumination,
-                       "hflip": dataset.hflip, "views_per_class": dataset.views_per_class,
-                       "seed": dataset.seed}}
+            "source": {k: v for k, v in dataset.describe().items() if k != "kind"}}
     was = torch.is_grad_enabled()
     backbone.eval()
     try:
         _build(Path(root), backbone, _CompositeItems(dataset, sizes), ids, labels, sizes, keys, meta,
                batch_size=batch_size, workers=workers, precision=precision, dtype=dtype,
-               progress=progress, desc="cache composites")
+               progress=progress, desc=f"cache {kind}")
     finally:
         torch.set_grad_enabled(was)
-    composite_boxes(root, dataset, progress=progress)
+    if kind == "composites":
+        composite_boxes(root, dataset, progress=progress)
     return FeatureCache(root)
 
 

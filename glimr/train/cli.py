@@ -10,6 +10,7 @@ import sys
 
 EXAMPLES = """\
 examples:
+  glimr train configs/train_glam_lite2_real.yaml      (the real-photo recipe: real views, no pasting)
   glimr train configs/train_glam_lite0_composites.yaml
   glimr train configs/train_glam_lite0_composites.yaml optim.epochs=2 run.out=runs/quick
   glimr train configs/train_glam_lite0_composites.yaml --resume        (continue after a stop or a crash)
@@ -18,7 +19,8 @@ examples:
 
 CONFIG.yaml sections (every key has a default; see glimr/train/trainer.py and configs/):
   model: HEAD-BACKBONE (glam-lite0, ugalr-lite0, ...), head_kwargs: {...}, weights: pretrained | none
-  data:   kind composites | csv | gldv2, photos / csv / root, long_side, n_groups (group-size batches),
+  data:   kind composites | views | csv | gldv2, photos / csv / root, groups (views: one class per
+          sub-folder, e.g. webcams), long_side, n_groups (group-size batches), warp (views),
           size_mode group | square (long_side x long_side),
           sampler random | class_balanced, per_class, paste_scale, p_clean, illumination, seed
   cache:  enabled (frozen backbone + on-disk feature cache), dir, stage res5 (head only) | res4 (res5 + head),
@@ -26,7 +28,7 @@ CONFIG.yaml sections (every key has a default; see glimr/train/trainer.py and co
   loss:   kind arcface | contrastive, margin, scale, inter_weight (UGALR lambda)
   optim:  trainable all | res5+head | head, epochs, max_steps, batch_size (per process),
           global_batch_size (all GPUs x accum_steps), accum_steps, lr, momentum, weight_decay,
-          warmup_steps | warmup_epochs, min_lr_ratio, grad_clip
+          warmup_steps | warmup_epochs, min_lr_ratio, grad_clip, init_whiten none | pca (GeM's FC), init_shrink
 The papers' own recipes (ResNet on GLDv2-clean, every value with its source): configs/paper_*.yaml
   run:    out, device, precision auto | fp32 | bf16 | fp16, workers, save_every, keep, log_every, seed
 Overrides: key=value with dotted keys (values in YAML: optim.lr=0.02, data.paste_scale=[0.2,0.6]), right

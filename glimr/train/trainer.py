@@ -5,7 +5,9 @@
     summary = train(cfg)                 # or train(cfg, resume=True)
 
 What a run does (the paper settings are the defaults where they fit; each is a config key):
-- data: instance composites from a photo folder (`data.kind: composites`), a CSV of (image path, label)
+- data: instance composites from a photo folder (`data.kind: composites`), real views of real photos with
+  no pasting (`views`: each photo a class seen through glimr.data.transforms.real_view, plus `data.groups`,
+  folders of one place at different times, e.g. webcams; glimr.data.views), a CSV of (image path, label)
   (`csv`) or GLDv2's train.csv / train_clean.csv (`gldv2`); GLAM's group-size batches (`data.n_groups`
   aspect-ratio groups, longest side `data.long_side`) drawn in random or class-balanced order
   (`data.sampler: random | class_balanced`, `data.per_class`), or one square size for every image
@@ -83,8 +85,11 @@ class TrainConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
 class DataConfig:
-    kind: str = "composites"                  # composites | csv | gldv2
-    photos: str | None = None                 # composites: folder of photos (one class per photo)
+    kind: str = "composites"                  # composites | views | csv | gldv2
+    photos: str | list | None = None          # composites: folder of photos (one class per photo); views:
+                                              # folders and/or files (one class per photo)
+    groups: str | None = None                 # views: folder of place sub-folders (one class each)
+    warp: float = 0.15                        # views: perspective strength of a generated view
     csv: str | None = None                    # csv / gldv2: the CSV file
     root: str | None = None                   # csv / gldv2: image folder (csv default: the CSV's folder)
     long_side: int = 384                      # group sizes: longest side of a batch's images
@@ -147,6 +152,9 @@ class OptimConfig:
     grad_clip: float | None = None
     freeze_bn: bool = True                    # BatchNorm of trained backbone stages keeps its statistics
     classifier_lr_mult: float = 1.0           # learning-rate factor of the ArcFace / CE classifiers
+    init_whiten: str = "none"                 # none | pca: GeM head's whitening FC starts as the PCA-whitening
+                                              # of the training items' GeM vectors (GeM paper; needs the cache)
+    init_shrink: float = 0.5                  # init_whiten=pca: eigenvalue shrinkage (glimr.models.whiten)
 
 
 @dataclass
@@ -246,7 +254,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 _NUMBERS = {
     "data": {"long_side": int_in(16), "n_groups": positive_int, "per_class": positive_int,
              "views_per_class": positive_int, "clean_first": nonnegative_int, "p_clean": float_in(0.0, 1.0),
-             "illumination": float_in(0.0, 1.0), "hflip": float_in(0.0, 1.0), "seed": int_in()},
+             "illumination": float_in(0.0, 1.0), "warp": float_in(0.0, 0.5), "hflip": float_in(0.0, 1.0),
+             "seed": int_in()},
     "cache": {"views_per_class": positive_int, "flip": float_in(0.0, 1.0), "batch_size": positive_int},
     "loss": {"margin": finite_float, "scale": positive_float, "contrastive_margin": finite_float,
              "inter_weight": nonnegative_float, "loc_weight": nonnegative_float},
@@ -254,7 +263,7 @@ _NUMBERS = {
               "global_batch_size": (positive_int, True), "warmup_epochs": (nonnegative_float, True),
               "accum_steps": positive_int, "lr": positive_float, "momentum": float_in(0.0, 1.0, hi_open=True),
               "weight_decay": nonnegative_float, "warmup_steps": nonnegative_int,
-              "min_lr_ratio": float_in(0.0, 1.0), "grad_clip": (positive_float, True),
+              "min_lr_ratio": float_in(0.0, 1.0), "init_shrink": nonnegative_float, "grad_clip": (positive_float, True),
               "classifier_lr_mult": positive_float},
     "run": {"workers": nonnegative_int, "save_every": positive_int, "keep": positive_int,
             "log_every": positive_int, "seed": int_in(), "threads": (positive_int, True)},
@@ -296,10 +305,12 @@ def validate(cfg: TrainConfig) -> None:
         _validate_values(cfg)
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
-    if cfg.data.kind not in ("composites", "csv", "gldv2"):
-        raise TrainConfigError(f"data.kind must be composites, csv or gldv2, not {cfg.data.kind!r}")
-    if cfg.data.kind == "composites" and not cfg.data.photos:
-        raise TrainConfigError("data.photos (a folder of photos) is needed for data.kind=composites")
+    if cfg.data.kind not in ("composites", "views", "csv", "gldv2"):
+        raise TrainConfigError(f"data.kind must be composites, views, csv or gldv2, not {cfg.data.kind!r}")
+    if cfg.data.kind in ("composites", "views") and not cfg.data.photos:
+        raise TrainConfigError(f"data.photos (a folder of photos) is needed for data.kind={cfg.data.kind}")
+    if cfg.data.kind != "views" and cfg.data.groups:
+        raise TrainConfigError("data.groups is read by data.kind=views only")
     if cfg.data.kind in ("csv", "gldv2") and not cfg.data.csv:
         raise TrainConfigError(f"data.csv is needed for data.kind={cfg.data.kind}")
     if cfg.data.kind == "gldv2" and not cfg.data.root:
@@ -307,6 +318,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.loc_weight > 0 and cfg.data.kind != "composites":
         raise TrainConfigError("loss.loc_weight needs the boxes of instance composites "
                                "(data.kind=composites)")
+    if cfg.optim.init_whiten not in ("none", "pca"):
+        raise TrainConfigError(f"optim.init_whiten must be none or pca, not {cfg.optim.init_whiten!r}")
+    if cfg.optim.init_whiten == "pca" and not (cfg.cache.enabled and cfg.cache.stage == "res5"
+                                                and cfg.model.startswith("gem-")):
+        raise TrainConfigError("optim.init_whiten=pca initialises a GeM head's whitening FC from the cached res5 "
+                               "maps: it needs a gem-* model, cache.enabled=true and cache.stage=res5")
     if cfg.data.size_mode not in ("group", "square"):
         raise TrainConfigError(f"data.size_mode must be group or square, not {cfg.data.size_mode!r}")
     if cfg.data.size_mode == "square" and cfg.cache.enabled:
@@ -595,6 +612,8 @@ class Trainer:
         elif cfg.optim.freeze_bn:
             freeze_batchnorm(bb)
         self.net.to(self.device)
+        if cfg.optim.init_whiten == "pca":
+            self._init_whiten_pca()
         self.net.train()
         inter_dim = self._probe_inter_dim()
         self.criterion = Criterion(self.net.dim, self.num_classes, cfg.loss.kind, cfg.loss.margin,
@@ -634,6 +653,23 @@ class Trainer:
                   f"steps/epoch, {self.total_steps} steps ({self.warmup_steps} warm-up), device {self.device}, "
                   f"precision {self._precision_name()}, world size {self.world}")
 
+    @torch.no_grad()
+    def _init_whiten_pca(self) -> None:
+        """The GeM head's whitening FC := PCA-whitening of the GeM vectors of every cached item (the same on
+        every rank: the cache is shared)."""
+        from glimr.models.heads.gem import init_whiten_pca
+
+        cache = self.dataset.cache
+        pooled = np.zeros((len(cache), self.net.backbone.channels["res5"]), dtype=np.float32)
+        for g in np.unique(cache.group):
+            idx = np.flatnonzero(cache.group == g)
+            for s in range(0, len(idx), 64):
+                b = [int(i) for i in idx[s: s + 64]]
+                pooled[b] = self.net.head.pool(cache.get("res5", b).to(self.device).float()).cpu().numpy()
+        init_whiten_pca(self.net.head, pooled, shrink=self.cfg.optim.init_shrink)
+        self._log(f"whitening FC initialised as the PCA-whitening of {len(pooled)} items' GeM vectors "
+                  f"(shrink {self.cfg.optim.init_shrink})")
+
     def per_process_batch(self) -> int:
         return per_process_batch(self.cfg.optim, self.world)
 
@@ -654,6 +690,19 @@ class Trainer:
                                     crop_ratio=tuple(d.crop_ratio),
                                     bg_area=tuple(d.bg_area), illumination=d.illumination, hflip=d.hflip,
                                     views_per_class=vpc, clean_first=d.clean_first, seed=d.seed)
+        elif d.kind == "views":
+            from glimr.data.views import RealViews
+
+            vpc = cfg.cache.views_per_class if self.stage else d.views_per_class
+            ds = RealViews(d.photos, d.groups, long_side=d.long_side, views_per_class=vpc,
+                           crop_area=tuple(d.crop_area), warp=d.warp, illumination=d.illumination, seed=d.seed)
+            from glimr.train.whiten import refuse_benchmark
+
+            try:                          # never train on a benchmark (UKBench, a gnd.json evaluation set)
+                for f in ds.paths + [f for g in ds.groups for f in g]:
+                    refuse_benchmark(Path(f), "data.photos/data.groups image")
+            except ValueError as e:
+                raise TrainConfigError(str(e)) from None
         else:
             from glimr.data.datasets import LabeledImages
 
@@ -697,9 +746,10 @@ class Trainer:
                       workers=self.cfg.run.workers,
                       precision=self.cfg.run.precision if self.cfg.run.precision != "fp16" else "auto",
                       dtype=c.dtype, progress=self.cfg.run.progress)
-            if self.cfg.data.kind == "composites":
+            if self.cfg.data.kind in ("composites", "views"):
                 build_composite_cache(root, bb, ds, n_groups=self.cfg.data.n_groups, **kw)
-                composite_boxes(root, ds, progress=self.cfg.run.progress)
+                if self.cfg.data.kind == "composites":
+                    composite_boxes(root, ds, progress=self.cfg.run.progress)
             else:
                 build_image_cache(root, bb, ds.paths, names=[str(p) for p in ds.paths], labels=ds.labels,
                                   max_size=self.cfg.data.long_side, **kw)

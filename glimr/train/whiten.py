@@ -26,7 +26,7 @@ import numpy as np
 from glimr.config import nonnegative_float, nonnegative_int, positive_int
 from glimr.models.whiten import attach_whitening, detach_whitening, fit_learned_whitening, fit_pca_whitening
 
-__all__ = ["group_pairs", "main", "register", "run", "view_pairs"]
+__all__ = ["group_pairs", "main", "refuse_benchmark", "register", "run", "view_pairs"]
 
 EXAMPLE = """examples:
   glimr whiten gem-lite2 --out runs/gem-lite2-lw.safetensors --method learned \\
@@ -47,7 +47,7 @@ Neither whitening is in the CiDeR, GLAM, UGALR or DPLG papers: both are Radenovi
 2019) post-processing, --method learned as their Lw, --method pca its unsupervised variant."""
 
 
-def _refuse_benchmark(path: Path, what: str) -> None:
+def refuse_benchmark(path: Path, what: str) -> None:
     """ValueError when ``path`` is (inside) a folder named ukbench, or (inside) an evaluation set folder."""
     p = path.resolve()
     if any(part.lower() == "ukbench" for part in p.parts):
@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out '{out}' is the input checkpoint: write the whitened model to a new file")
     srcs = [Path(s) for s in (args.images or [args.cache])]
     for s in srcs:
-        _refuse_benchmark(s, "--images" if args.images else "--cache")
+        refuse_benchmark(s, "--images" if args.images else "--cache")
     if args.groups:
-        _refuse_benchmark(Path(args.groups), "--groups")
+        refuse_benchmark(Path(args.groups), "--groups")
     net, prefixes = _load_net(args.checkpoint)
     old = detach_whitening(net)
     progress = not args.quiet
@@ -224,7 +224,7 @@ def _image_descriptors(net, args, srcs: list[Path], progress: bool):
         if sum(len(g) >= 2 for g in groups) == 0:
             raise ValueError(f"--groups '{gdir}': no sub-folder holds two or more images")
     for f in files + [f for g in groups for f in g]:   # symlinks into a benchmark count too
-        _refuse_benchmark(f, "image")
+        refuse_benchmark(f, "image")
     kw = {"scales": (1.0,), "max_size": args.max_size, "batch_size": args.batch_size, "workers": args.workers,
           "precision": args.precision, "progress": progress}
     res = extract(net, files, desc="descriptors", **kw)
@@ -273,7 +273,7 @@ def _cache_descriptors(net, args, src: Path, progress: bool):
     except CacheError as e:
         raise ValueError(str(e)) from e
     for p in cache.meta.get("source", {}).get("paths", []):
-        _refuse_benchmark(Path(p), f"cache '{src}' source image")
+        refuse_benchmark(Path(p), f"cache '{src}' source image")
     if cache.meta.get("backbone") != net.backbone.name:
         raise ValueError(f"cache '{src}' holds {cache.meta.get('backbone')} maps, the model's backbone is "
                          f"{net.backbone.name}: use a cache of the same backbone, or --images")

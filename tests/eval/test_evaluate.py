@@ -190,10 +190,16 @@ plots: {{grids: true, grid_queries: 2, grid_topk: 3}}
     assert plots == ["grid_Tiny__gem-lite0_s1.jpg", "map_Tiny.png"]
     assert all((out / "plots" / p).stat().st_size > 5000 for p in plots)
     assert "![Tiny: ranked results of gem-lite0 s1](plots/grid_Tiny__gem-lite0_s1.jpg)" in md
+    # the cost table: 1280-d float32 = 5120 bytes, images/s = (queries + database) / extraction seconds
+    n_img = run["meta"]["n_queries"] + run["meta"]["n_db"]
+    ips = n_img / run["meta"]["extract_seconds"]
+    ms = 1000 * run["meta"]["rank_seconds"] / run["meta"]["n_queries"]
+    assert f"| gem-lite0 | 1 | none | 1280 | 5120 | {ips:.1f} (Tiny) | {ms:.1f} (Tiny) |" in md
     # a second run reuses the cached descriptors; the markdown is re-rendered from the JSON alone
     res2 = run_bench(load_config(cfg), progress=False, quiet=True, plots=False)
     assert res2["runs"][0]["meta"]["descriptors_cached"] and res2["runs"][0]["metrics"] == run["metrics"]
-    assert "| cached |" in render_markdown(res2)
+    md2 = render_markdown(res2)
+    assert "| cached |" in md2 and "| 5120 | cached |" in md2
 
 
 # ------------------------------------------------------------------------------ Revisited plumbing

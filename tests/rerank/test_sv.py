@@ -223,3 +223,96 @@ def test_cli_search_rerank_sv(uk, tmp_path, capsys):
     res2 = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in res2["results"]][:3] == names[:3]
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "idx" / "sv").rglob("*.npz"))] == stamps
+
+
+# ------------------------------------------------------------------------------------------ deep features
+@pytest.fixture(scope="module")
+def lite2():
+    from glimr.models.registry import build_model
+
+    return build_model("gem-lite2")
+
+
+def test_deep_features_are_the_strongest_res4_cells(uk, lite2):
+    """kind=deep: the res4 map of the image resized to 512, the 400 cells with the largest norm, keypoints at
+    the cell centres, L2-normalised channel vectors (checked against a direct computation, fp32)."""
+    import torch
+
+    cfg = sv.SVConfig.from_params(kind="deep").features
+    f = sv.local_features(uk / "ukbench00000.jpg", cfg=cfg, net=lite2)
+    img = Image.open(uk / "ukbench00000.jpg").convert("RGB")
+    assert f.size == (512, 384) and f.scale == pytest.approx(512 / 640)
+    x = np.asarray(img.resize((512, 384), Image.Resampling.LANCZOS), np.float32) / 255.0
+    with torch.no_grad():
+        m = lite2.backbone.forward_res4(torch.from_numpy(x).permute(2, 0, 1)[None])[0].numpy()
+    c, h, w = m.shape
+    assert (h, w) == (24, 32)                                       # stride 16
+    v = m.reshape(c, -1).T
+    top = np.argsort(-np.linalg.norm(v, axis=1), kind="stable")[:400]
+    assert f.desc.dtype == np.float16 and f.desc.shape == (400, c)
+    assert np.allclose(f.desc.astype(np.float32), v[top] / np.linalg.norm(v[top], axis=1, keepdims=True),
+                       atol=2e-3)                                   # float16 storage
+    assert np.allclose(f.xy, np.stack([(top % w + 0.5) * 16, (top // w + 0.5) * 16], 1))
+    with pytest.raises(ValueError, match="needs the model"):
+        sv.local_features(uk / "ukbench00000.jpg", cfg=cfg)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sv.FeatureConfig(kind="orb")
+
+
+def test_deep_matching_is_mutual_nearest_neighbours():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 8)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b = a[::-1] + 0.01 * rng.normal(size=a.shape).astype(np.float32)   # b[29 - i] is a[i]'s twin
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    xy_a = rng.uniform(0, 500, size=(30, 2)).astype(np.float32)
+    xy_b = (xy_a * 0.8 + 20)[::-1].copy()                            # a similarity: a homography
+    fa = sv.LocalFeatures(xy_a, a.astype(np.float16), (512, 512), 1.0)
+    fb = sv.LocalFeatures(xy_b, b.astype(np.float16), (512, 512), 1.0)
+    r = sv.verify_pair(fa, fb, sv.SVConfig.from_params(kind="deep"))
+    assert r.matches == 30 and r.inliers == 30
+    assert np.allclose(r.pts_b, r.pts_a * 0.8 + 20, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot be matched"):
+        sv.verify_pair(fa, sv.LocalFeatures(xy_a, np.zeros((30, 128), np.uint8), (512, 512), 1.0))
+    # ratio < 1: a match whose second-best candidate is as close (a duplicated feature) is dropped
+    dup = sv.LocalFeatures(np.concatenate([xy_b, xy_b[:10] + 50]), np.concatenate([fb.desc, fb.desc[:10]]),
+                           (512, 512), 1.0)
+    r_all = sv.verify_pair(fa, dup, sv.SVConfig.from_params(kind="deep"))
+    r_ratio = sv.verify_pair(fa, dup, sv.SVConfig.from_params(kind="deep", ratio=0.9))
+    assert r_ratio.matches == 20 and r_all.matches >= 20
+
+
+def test_deep_verification_separates_same_and_different_objects(uk, lite2):
+    cfg = sv.SVConfig.from_params(kind="deep")
+    f = [sv.local_features(uk / f"ukbench{i:05d}.jpg", cfg=cfg.features, net=lite2) for i in range(8)]
+    same = [sv.verify_pair(f[0], f[j], cfg).inliers for j in (1, 2, 3)]
+    diff = [sv.verify_pair(f[0], f[j], cfg).inliers for j in (4, 5, 6, 7)]
+    assert min(same) > cfg.cap and max(diff) <= cfg.min_inliers, (same, diff)
+
+
+def test_eval_rerank_sv_deep_uses_the_evaluated_model(cluttered, lite0_gem, tmp_path):
+    kw = {"net": lite0_gem, "max_size": 256, "workers": 0, "progress": False, "cache_dir": tmp_path / "cache"}
+    base = E.evaluate(str(cluttered), keep=True, **kw)
+    rer = E.evaluate(str(cluttered), rerank="sv:top=20,kind=deep", **kw)
+    assert rer.metrics["mAP"] >= base.metrics["mAP"] + 10, (base.metrics, rer.metrics)
+    # deep features are cached per feature settings AND backbone weights
+    folders = [p.name for p in (tmp_path / "cache" / "sv").iterdir()]
+    feats = sv.SVConfig.from_params(kind="deep").features
+    assert folders == [f"{feats.key()}-{sv.backbone_fingerprint(lite0_gem)}"]
+
+
+def test_cli_search_rerank_sv_deep(uk, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in list(range(1, 4)) + list(range(8, 20)):
+        shutil.copy(uk / f"ukbench{i:05d}.jpg", imgs / f"ukbench{i:05d}.jpg")
+    assert main(["index", "build", str(imgs), "--index", str(tmp_path / "idx"), "--model", "gem-lite0",
+                 "--max-size", "256", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), str(uk / "ukbench00000.jpg"), "--rerank", "sv-deep",
+                 "--json", "--top", "5"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    names = [r["path"] for r in res["results"]]
+    assert res["rerank"] == "sv-deep"
+    assert sorted(names[:3]) == ["ukbench00001.jpg", "ukbench00002.jpg", "ukbench00003.jpg"]
+    assert len(list((tmp_path / "idx" / "sv").rglob("*.npz"))) == 15

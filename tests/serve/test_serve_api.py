@@ -239,7 +239,7 @@ def test_searches_see_before_or_after_a_commit(server, shared_data, auth):
 def test_stats_health_metrics(server):
     s = httpx.get(server.url + "/api/stats", timeout=10).json()
     assert s["images"] == 300 and s["model"] == "gem-lite2-realw" and s["max_size"] == 256
-    assert s["reranks"] == ["none", "aqe", "qe", "diffusion", "sv"] and s["read_only"] is False
+    assert s["reranks"] == ["none", "aqe", "qe", "diffusion", "sv", "sv-deep"] and s["read_only"] is False
     assert httpx.get(server.url + "/healthz", timeout=10).json() == {"status": "ok", "images": 300}
     text = httpx.get(server.url + "/metrics", timeout=10)
     assert text.headers["content-type"].startswith("text/plain; version=0.0.4")

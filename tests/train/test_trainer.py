@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from glimr.models.registry import build_model
 from glimr.train.trainer import (OptimConfig, Trainer, TrainConfigError, apply_overrides, config_from_dict,
-                                 latest_checkpoint, load_config, lr_at, train)
+                                 latest_checkpoint, load_config, lr_at, train, validate)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -273,3 +273,57 @@ def test_torchrun_ddp_two_processes(photo_dir, cache_dir, tmp_path):
     log = _log(tmp_path / "ddp")
     assert log[-1]["step"] == 4                         # 4 batches per epoch shared by 2 ranks: 2 steps/epoch
     assert build_model(checkpoint=tmp_path / "ddp" / "model.safetensors").dim == 64
+
+
+def test_real_views_train_with_pca_initialised_gem_whitening(photo_dir, shared_data, tmp_path):
+    """data.kind=views (real_view of each photo + webcam place classes) builds its cache and trains; with
+    optim.init_whiten=pca the GeM head's FC starts as the PCA-whitening of the cached items' GeM vectors,
+    checked against the formula computed here (eigendecomposition of their covariance, numpy, fp64)."""
+    from glimr.models.pooling import l2n
+    from glimr.train.cache import FeatureCache
+
+    places = tmp_path / "places"
+    for cam in sorted((shared_data / "train-real" / "webcam").iterdir())[:2]:
+        (places / cam.name).mkdir(parents=True)
+        for f in sorted(cam.glob("*.jpg"))[:3]:
+            os.symlink(f, places / cam.name / f.name)
+    cfg = _cfg(photo_dir, tmp_path / "v", tmp_path / "vc", head_kwargs={"dim": 16},
+               data={"kind": "views", "photos": [str(photo_dir)], "groups": str(places), "clean_first": 0},
+               cache={"views_per_class": 2}, optim={"epochs": 1, "lr": 1e-12, "init_whiten": "pca",
+                                                    "init_shrink": 0.5, "classifier_lr_mult": 1.0})
+    summary = train(config_from_dict(cfg))
+    cache = FeatureCache(tmp_path / "vc")
+    assert cache.meta["kind"] == "views" and len(cache) == 8 * 2 + 6
+    assert sorted(set(cache.labels.tolist())) == list(range(10))          # 8 photos + 2 webcams
+    net = build_model(checkpoint=tmp_path / "v" / "model.safetensors")
+    assert summary["steps"] >= 1 and net.head.norm_before_whiten
+    with torch.no_grad():
+        g = l2n(net.head.pool(cache.get("res5", list(range(len(cache)))).float())).double().numpy()
+    mu = g.mean(0)
+    lam, vec = np.linalg.eigh((g - mu).T @ (g - mu) / len(g))
+    lam, vec = lam[::-1][:16], vec[:, ::-1][:, :16]
+    proj = vec / np.sqrt(np.clip(lam, 0, None) + 0.5 * np.clip(lam, 0, None).mean())
+    w = net.head.whiten.weight.detach().double().numpy()                  # (16, C): rows = P's columns
+    b = net.head.whiten.bias.detach().double().numpy()
+    assert np.allclose(np.abs(w), np.abs(proj.T), atol=1e-3 * np.abs(proj).max())   # up to each sign
+    signs = np.sign((w * proj.T).sum(1))
+    assert np.allclose(b, -(mu @ proj) * signs, atol=1e-3 * np.abs(b).max())
+    with pytest.raises(TrainConfigError, match="init_whiten=pca .* cache.enabled"):
+        validate(config_from_dict(_cfg(photo_dir, tmp_path / "x", None, optim={"init_whiten": "pca"})))
+    with pytest.raises(TrainConfigError, match="init_whiten must be none or pca"):
+        validate(config_from_dict(_cfg(photo_dir, tmp_path / "x", None, optim={"init_whiten": "lw"})))
+    with pytest.raises(TrainConfigError, match="data.groups is read by data.kind=views only"):
+        validate(config_from_dict(_cfg(photo_dir, tmp_path / "x", None, data={"groups": str(places)})))
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
+        train(config_from_dict(_cfg(photo_dir, tmp_path / "y", tmp_path / "yc",
+                                    data={"kind": "views", "photos": [str(tmp_path / "nope")]})))
+
+
+def test_real_views_refuse_a_benchmark(shared_data, tmp_path):
+    """data.kind=views never trains on an evaluation set (a folder with gnd.json) or UKBench."""
+    for bench in (shared_data / "real-dev", shared_data / "ukbench"):
+        cfg = _cfg(tmp_path, tmp_path / "b", tmp_path / "bc",
+                   data={"kind": "views", "photos": [str(bench)], "clean_first": 0})
+        with pytest.raises(TrainConfigError, match="never (fit|train)|benchmark|evaluation set"):
+            train(config_from_dict(cfg))
+        assert not (tmp_path / "bc").exists()
