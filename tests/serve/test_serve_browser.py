@@ -35,7 +35,7 @@ def test_search_crop_results_and_heat_map(browser, server, shared_data, tmp_path
     page.set_default_timeout(60_000)
     page.goto(server.url + "/")
     page.wait_for_function("() => document.getElementById('stats').textContent.includes('300 images')")
-    assert page.locator("#rerank option").all_inner_texts() == ["none", "aqe", "qe", "diffusion", "sv"]
+    assert page.locator("#rerank option").all_inner_texts() == ["none", "aqe", "qe", "diffusion", "sv", "sv-deep"]
 
     page.set_input_files("#file", str(shared_data / "ukbench" / "ukbench00001.jpg"))
     canvas = page.locator("#canvas")

@@ -68,7 +68,11 @@ def _restore_threads():
 
 
 def test_short_real_training_run_lowers_the_loss(photo_dir, cache_dir, tmp_path):
-    summary = train(config_from_dict(_cfg(photo_dir, tmp_path / "run", cache_dir)))
+    # the FC on the raw GeM vector (norm_before_whiten=False): at this size it halves the loss within 32 steps;
+    # the paper's form (FC on the L2-normalised vector, the default) learns slower from a random FC (0.64 of the
+    # first loss at lr 0.02), which is why the real recipe initialises it with PCA-whitening
+    summary = train(config_from_dict(_cfg(photo_dir, tmp_path / "run", cache_dir,
+                                          head_kwargs={"dim": 64, "norm_before_whiten": False})))
     log = _log(tmp_path / "run")
     assert summary["steps"] == 32 and log[-1]["step"] == 32            # 8 classes x 4 views / 8 = 4 steps/epoch
     first, last = np.mean([r["loss"] for r in log[:4]]), np.mean([r["loss"] for r in log[-4:]])
