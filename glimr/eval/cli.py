@@ -19,6 +19,7 @@ examples:
   glimr eval bench-data/clutter-dev-medium --checkpoint runs/glam/model.safetensors
   glimr eval bench-data/clutter-dev-hard --checkpoint runs/cider-w.safetensors --query-scales 1,0.7071,0.5
   glimr eval ../shared/data/real-dev --rerank sv --cache runs/eval-cache      (spatial verification, top 100)
+  glimr eval ../shared/data/real-dev --rerank sv:kind=deep    (verified with the model's own res4 features)
 
 DATASET is roxford5k, rparis6k (Revisited Easy/Medium/Hard), oxford5k, paris6k (original protocol),
 ukbench (N-S score), or a folder holding gnd.json, query/ and db/ (Clutter-UKB layout).
@@ -66,7 +67,8 @@ def _add_eval(sub) -> argparse.ArgumentParser:
                         "512 otherwise)")
     p.add_argument("--rerank", default="none",
                    help='re-ranker: "none" or "NAME[:key=value,...]": alpha-qe, aqe, diffusion, coattention, '
-                        'sv (spatial verification, e.g. sv:top=100; local features cached under --cache)')
+                        'sv (spatial verification, e.g. sv:top=100 or sv:kind=deep; local features cached '
+                        'under --cache)')
     p.add_argument("--distractors", help="folder of distractor images added to the database (R1M setting)")
     p.add_argument("--no-crop", dest="crop", action="store_false",
                    help="do NOT crop Revisited/Oxford queries to their box (not the protocol; "
