@@ -367,8 +367,10 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
               cfg.clusters, cfg.kmeans_iters, cfg.p] + ([precision] if precision != "fp32" else [])
     key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
     d = Path(cache) / f"{name}__{key}" if cache is not None else None
-    if d is not None and (d / "locals.json").is_file() and (d / "global.npy").is_file():
-        return load_locals(d), np.load(d / "global.npy", allow_pickle=False)
+    # the model's descriptors go to descriptors.npy: save_locals already writes the ImageLocal's own
+    # global.npy (the GeM over every location, the PCA's sample vector), which they must not replace
+    if d is not None and (d / "locals.json").is_file() and (d / "descriptors.npy").is_file():
+        return load_locals(d), np.load(d / "descriptors.npy", allow_pickle=False)
     res, locs = extract_local(model, [str(p) if isinstance(p, Path) else p for p in items], cfg=cfg, scales=scales,
                               max_size=max_size, boxes=boxes, workers=workers, batch_size=batch_size,
                               progress=progress, desc=name, precision=precision)
@@ -378,7 +380,7 @@ def cached_locals(cache, name: str, model, items, boxes, cfg, scales, max_size: 
     from glimr.io.atomic import atomic_write_npy  # noqa: PLC0415
 
     save_locals(d, out)
-    atomic_write_npy(d / "global.npy", res.descriptors)
+    atomic_write_npy(d / "descriptors.npy", res.descriptors)
     return load_locals(d), res.descriptors
 
 
@@ -393,7 +395,8 @@ def _fitted_params(cache, net, items, cfg, max_size: int, kw: dict):
 
     d = None
     if cache is not None:
-        fields = [kw.get("ident"), [str(p) for p in items], cfg.to_json(), max_size, kw.get("precision")]
+        # "v2": fits before it took the model's descriptors as the PCA samples (a file-name clash)
+        fields = [kw.get("ident"), [str(p) for p in items], cfg.to_json(), max_size, kw.get("precision"), "v2"]
         key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
         d = Path(cache) / f"ca-params__{key}"
         if (d / "params.json").is_file():

@@ -86,3 +86,27 @@ def test_eval_reranker_fits_on_the_separate_collection_and_says_so(shared_data, 
     rep_db = evaluate(root, net=lite0_gem, max_size=128, progress=False, precision="fp32",     # the old form
                       rerank=f"coattention:dataset={root},fit=database,{common},model=gem-lite0,max_size=128")
     assert any("transductive" in n for n in rep_db.notes)
+
+
+def test_cached_features_keep_their_own_global_vector(shared_data, tmp_path):
+    """The cache of co-attention features keeps each image's global GeM over every location (the PCA's sample
+    vector) apart from the model's descriptors: they used to share global.npy, so a head with its own FC (GLAM:
+    512-d descriptors, 1280-d local features) fed 512-d vectors to a PCA then applied to 1280-d clusters."""
+    from glimr.extract.local import fit_params
+    from glimr.models.registry import build_model
+    from glimr.rerank.coattention import cached_locals
+
+    net = build_model("glam-lite0", warn_untrained=False)
+    items = sorted((shared_data / "photos").glob("*.JPEG"))[:3]
+    cfg = LocalConfig.named("compact", n_select=40, clusters=2, dim=2, codebook_size=4, max_words=0)
+    plain, desc = cached_locals(None, "s", net, items, None, cfg, (1.0,), 128, workers=0, progress=False,
+                                precision="fp32")
+    first, desc1 = cached_locals(tmp_path, "s", net, items, None, cfg, (1.0,), 128, workers=0, progress=False,
+                                 precision="fp32")
+    again, desc2 = cached_locals(tmp_path, "s", net, items, None, cfg, (1.0,), 128, workers=0, progress=False,
+                                 precision="fp32")
+    assert desc.shape == (3, 512) and np.allclose(desc1, desc) and np.allclose(desc2, desc)
+    for a, b, c in zip(plain, first, again):
+        assert a.global_.shape == a.clusters.shape[1:] == (1280,)
+        assert np.allclose(b.global_, a.global_) and np.allclose(c.global_, a.global_)   # fp32, from .npy
+    fit_params(again, cfg)                          # the PCA fitted on global vectors projects the clusters
