@@ -199,13 +199,18 @@ def test_eval_rerank_sv_raises_map_and_reuses_the_cache(cluttered, lite0_gem, tm
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "sv").rglob("*.npz")} == files  # nothing new
 
 
-def test_cli_search_rerank_sv(uk, tmp_path, capsys):
+def _ukbench_index(uk, tmp_path):
+    """An index (gem-lite0, 256 px) of views 1-3 of UKBench object 0 and 12 images of objects 2-4."""
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in list(range(1, 4)) + list(range(8, 20)):
         shutil.copy(uk / f"ukbench{i:05d}.jpg", imgs / f"ukbench{i:05d}.jpg")
     assert main(["index", "build", str(imgs), "--index", str(tmp_path / "idx"), "--model", "gem-lite0",
                  "--max-size", "256", "--workers", "0"]) == 0
+
+
+def test_cli_search_rerank_sv(uk, tmp_path, capsys):
+    _ukbench_index(uk, tmp_path)
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), str(uk / "ukbench00000.jpg"), "--rerank", "sv", "--json",
                  "--top", "5"]) == 0
@@ -302,12 +307,7 @@ def test_eval_rerank_sv_deep_uses_the_evaluated_model(cluttered, lite0_gem, tmp_
 
 
 def test_cli_search_rerank_sv_deep(uk, tmp_path, capsys):
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in list(range(1, 4)) + list(range(8, 20)):
-        shutil.copy(uk / f"ukbench{i:05d}.jpg", imgs / f"ukbench{i:05d}.jpg")
-    assert main(["index", "build", str(imgs), "--index", str(tmp_path / "idx"), "--model", "gem-lite0",
-                 "--max-size", "256", "--workers", "0"]) == 0
+    _ukbench_index(uk, tmp_path)
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), str(uk / "ukbench00000.jpg"), "--rerank", "sv-deep",
                  "--json", "--top", "5"]) == 0
