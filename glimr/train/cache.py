@@ -322,10 +322,11 @@ def build_composite_cache(root: str | Path, backbone, dataset: InstanceComposite
     labels = dataset.labels
     sizes = [gsizes[gid[c]] for c in labels]
     ids = dataset.item_ids()
-    kind = dataset.describe().get("kind", "composites")
+    source = dataset.describe()
+    kind = source.pop("kind", "composites")
     meta = {"version": CACHE_VERSION, "kind": kind, "backbone": backbone.name,
             "stage": stage, "keys": keys, "dtype": dtype, "precision": precision, "n_groups": n_groups,
-            "source": {k: v for k, v in dataset.describe().items() if k != "kind"}}
+            "source": source}
     was = torch.is_grad_enabled()
     backbone.eval()
     try:

@@ -733,7 +733,7 @@ class Trainer:
         return RandomOrder(len(labels), seed=d.seed)
 
     def _build_cache(self, ds):
-        from glimr.train.cache import FeatureCache, build_composite_cache, build_image_cache, composite_boxes
+        from glimr.train.cache import FeatureCache, build_composite_cache, build_image_cache
 
         c = self.cfg.cache
         root = Path(c.dir) if c.dir else self.out / "cache"
@@ -747,9 +747,7 @@ class Trainer:
                       precision=self.cfg.run.precision if self.cfg.run.precision != "fp16" else "auto",
                       dtype=c.dtype, progress=self.cfg.run.progress)
             if self.cfg.data.kind in ("composites", "views"):
-                build_composite_cache(root, bb, ds, n_groups=self.cfg.data.n_groups, **kw)
-                if self.cfg.data.kind == "composites":
-                    composite_boxes(root, ds, progress=self.cfg.run.progress)
+                build_composite_cache(root, bb, ds, n_groups=self.cfg.data.n_groups, **kw)   # + composites' boxes
             else:
                 build_image_cache(root, bb, ds.paths, names=[str(p) for p in ds.paths], labels=ds.labels,
                                   max_size=self.cfg.data.long_side, **kw)
