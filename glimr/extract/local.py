@@ -25,7 +25,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,14 @@ class LocalConfig:
         if "dim" in kw and "proxy_dim" not in kw:
             kw["proxy_dim"] = min(cls.proxy_dim, int(kw["dim"]))
         return presets[name](**kw)
+
+    def capped(self, channels: int) -> LocalConfig:
+        """These settings for local features of ``channels`` dimensions: D', D_cdb and the proxy's dimension
+        capped at ``channels`` (a PCA cannot add dimensions; e.g. a head that hands co-attention Lite2's
+        120-channel res4 map, where the paper's D' = 512 assumes ResNet's 2048)."""
+        dim = min(self.dim, int(channels))
+        return replace(self, dim=dim, codebook_dim=min(self.codebook_dim, int(channels)),
+                       proxy_dim=min(self.proxy_dim, dim))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -624,6 +632,10 @@ def fit_params(samples: Sequence[ImageLocal], cfg: LocalConfig, *, meta: dict | 
     if not samples:
         raise ValueError("co-attention parameters need sample images")
     g = np.stack([s.global_ for s in samples])
+    if cfg.capped(g.shape[1]) != cfg:
+        meta = dict(meta or {}, capped=f"D' {cfg.dim} -> {min(cfg.dim, g.shape[1])} (local features of "
+                                       f"{g.shape[1]} dimensions)")
+        cfg = cfg.capped(g.shape[1])
     pca_from = "global"
     if len(g) <= cfg.dim:
         g = np.concatenate([g] + [s.clusters for s in samples])

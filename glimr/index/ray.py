@@ -30,7 +30,6 @@ installed, in the same version, on every node.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -51,6 +50,7 @@ from glimr.index.build import (
     resolve_build_settings,
     run_build,
 )
+from glimr.models.checkpoint import model_fingerprint
 
 MAX_ACTORS = 100_000
 
@@ -113,19 +113,6 @@ class RaySettings:
                     or (v <= 0 if lo_open else v < 0) or v > hi:
                 raise ValueError(f"{name} must be a number {'>' if lo_open else '>='} 0 and <= {hi:g}, got {v!r}")
             object.__setattr__(self, name, float(v))
-
-
-def model_fingerprint(model) -> str:
-    """SHA-256 of a net's parameters and buffers (names and bytes): equal on the driver and every worker when
-    they built the same weights."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_spec(model, settings, weights: str = "pretrained") -> dict:

@@ -6,6 +6,7 @@ rebuilds the stage from that record. A config may also carry `"query_scales"`, t
 query scale pyramid (used by `glimr eval` and `glimr search` by default); it is kept in `net.config`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -173,3 +174,15 @@ def load_model(path: str | Path, map_location: str = "cpu"):
 def torch_load_trusted(path: str | Path):
     """The only torch.load in glimr: tensors only (weights_only=True)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of a net's parameters and buffers (names, shapes, dtypes and bytes): equal wherever the same
+    weights were built (the Ray driver and its workers), different for any other weights (caches of features
+    keyed by a model use it: glimr/rerank/coattention.py)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

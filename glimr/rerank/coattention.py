@@ -401,7 +401,7 @@ def _fitted_params(cache, net, items, cfg, max_size: int, kw: dict):
         d = Path(cache) / f"ca-params__{key}"
         if (d / "params.json").is_file():
             params = CoAttentionParams.load(d)
-            if params.cfg == cfg:
+            if params.cfg in (cfg, cfg.capped(params.pca.mean.shape[0])):
                 return params
     s_locs, _ = cached_locals(cache, "ca-samples", net, items, None, cfg, (1.0,), max_size, **kw)
     params = fit_params([x for x in s_locs if x is not None], cfg)
@@ -432,6 +432,7 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
     Returns the [Ndb, Nq] ranking; the global ``ranks`` order the images the inverted file leaves out."""
     from glimr.extract.local import PAPER_SCALES, LocalConfig, resolve_fit_images, sample_items  # noqa: PLC0415
     from glimr.extract.multiscale import parse_scales  # noqa: PLC0415
+    from glimr.models.checkpoint import model_fingerprint
 
     if net is None:
         from glimr.models.registry import build_model  # noqa: PLC0415
@@ -445,7 +446,9 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
         over["max_words"] = 0                                     # the eval default: no inverted file
     base = LocalConfig.named(str(config), **over)
     cfg = LocalConfig(**{**base.to_json(), "proxy_dim": min(64, base.dim), "pca_whiten": bool(pca_whiten)})
-    ident = {"model": getattr(net, "name", model), "checkpoint": str(checkpoint) if checkpoint else None,
+    # the weights themselves key the feature cache: a retrained model with the same name and config (or one
+    # handed over as ``net``, without its checkpoint's path) never reads another model's features
+    ident = {"model": getattr(net, "name", model), "weights": model_fingerprint(net),
              "config": getattr(net, "config", None)}
     fit_items, fit_label = resolve_fit_images(fit if fit is not None else samples, list(db_paths))
     s_items = sample_items(fit_items, n_samples)
@@ -456,6 +459,13 @@ def rerank_images(q_desc, db_desc, ranks, *, query_paths, db_paths, query_boxes=
         print(line, file=sys.stderr)
     kw = dict(workers=workers, ident=ident, progress=progress, precision=precision)
     params = _fitted_params(cache, net, s_items, cfg, max_size, kw)
+    if params.cfg.dim != cfg.dim:
+        line = (f"co-attention: D' capped at the local features' {params.cfg.dim} dimensions "
+                f"(asked {cfg.dim})")
+        if notes is not None:
+            notes.append(line)
+        if progress:
+            print(line, file=sys.stderr)
     q_locs, _ = cached_locals(cache, "ca-queries", net, list(query_paths), query_boxes, cfg, sc, max_size, **kw)
     db_locs, _ = cached_locals(cache, "ca-database", net, list(db_paths), None, cfg, sc, max_size, **kw)
     if any(x is None for x in q_locs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -199,7 +200,37 @@ plots: {{grids: true, grid_queries: 2, grid_topk: 3}}
     res2 = run_bench(load_config(cfg), progress=False, quiet=True, plots=False)
     assert res2["runs"][0]["meta"]["descriptors_cached"] and res2["runs"][0]["metrics"] == run["metrics"]
     md2 = render_markdown(res2)
-    assert "| cached |" in md2 and "| 5120 | cached |" in md2
+    assert "| cached |" in md2 and f"| 5120 | {ips:.1f} (Tiny, cached) |" in md2   # the cache keeps the time
+
+
+def test_bench_runs_a_reranker_on_the_datasets_it_names(tiny_gnd, same_net, tmp_path):
+    """A costly re-ranker can be limited to some datasets: it runs there only, and leaves "-" elsewhere."""
+    cfg = tmp_path / "bench.yaml"
+    head = f"""
+title: limited
+output: {tmp_path / 'out'}
+cache: {tmp_path / 'cache'}
+max_size: {SIZE}
+workers: 0
+precision: fp32
+datasets:
+  - {{name: {tiny_gnd}, label: A}}
+  - {{name: {tiny_gnd}, label: B}}
+models: [gem-lite0]
+"""
+    cfg.write_text(head + "rerank: [none, {spec: alpha-qe, datasets: [B]}]\nplots: {grids: false}\n")
+    res = run_bench(load_config(cfg), progress=False, quiet=True)
+    done = [(r["dataset_label"], r["method"]["rerank"]) for r in res["runs"]]
+    assert done == [("A", "none"), ("B", "none"), ("B", "alpha-qe")]
+    qe = next(r for r in res["runs"] if r["method"]["rerank"] == "alpha-qe")
+    row = next(line for line in render_markdown(res).splitlines() if line.startswith("| gem-lite0 | 1 | alpha-qe"))
+    cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+    assert cells[3:] == ["-", f"{qe['metrics']['mAP']:.2f}"]
+    for bad, what in (("[{spec: alpha-qe, datasets: [C]}]", "names dataset(s) ['C']"),
+                      ("[{datasets: [A]}]", "a mapping with 'spec'"), ("[{spec: nope}]", "nope")):
+        cfg.write_text(head + f"rerank: {bad}\n")
+        with pytest.raises(ValueError, match=re.escape(what)):
+            run_bench(load_config(cfg), progress=False, quiet=True)
 
 
 # ------------------------------------------------------------------------------ Revisited plumbing

@@ -168,3 +168,26 @@ def test_cached_locals_keep_the_feature_maps_width_when_the_head_projects(tmp_pa
     assert back[0].feats.shape == (7, 20) and back[1].feats.shape == (5, 20)
     np.testing.assert_allclose(back[1].feats, b.feats, atol=1e-3)
     np.testing.assert_allclose(back[0].clusters, a.clusters)
+
+
+def test_dims_are_capped_at_the_local_features_width(shared_data):
+    """DPLG hands co-attention its res4 map (112 channels on Lite0): the compact D' = 256 and D_cdb = 128
+    cannot be reached by a PCA, so both are capped at 112 and the fit says so; records and query vectors then
+    have 112 dimensions. (The fit used to fail: "PCA to 256 dimensions needs ... dimension >= 256".)"""
+    from glimr.extract.local import fit_params
+    from glimr.models.registry import build_model
+
+    net = build_model("dplg-lite0", warn_untrained=False).eval()
+    items = sorted((shared_data / "photos").glob("*.JPEG"))[:14]
+    cfg = LocalConfig.named("compact", n_select=60, clusters=10, codebook_size=16, max_words=8)
+    _, locs = extract_local(net, items, cfg=cfg, scales=(1.0,), max_size=160, workers=0, progress=False,
+                            precision="fp32")
+    locs = [locs[i] for i in range(len(items))]
+    width = locs[0].global_.shape[0]
+    assert width < cfg.codebook_dim < cfg.dim
+    params = fit_params(locs, cfg)
+    assert (params.cfg.dim, params.cfg.codebook_dim, params.cfg.proxy_dim) == (width, width, min(64, width))
+    assert params.cfg.capped(width) == params.cfg and "capped" in params.meta
+    assert params.query_vector(locs[0]).shape == (width,) and params.encode(locs[1]) is not None
+    same = cfg.capped(10_000)                                       # wide features: nothing changes
+    assert same == cfg

@@ -110,3 +110,34 @@ def test_cached_features_keep_their_own_global_vector(shared_data, tmp_path):
         assert a.global_.shape == a.clusters.shape[1:] == (1280,)
         assert np.allclose(b.global_, a.global_) and np.allclose(c.global_, a.global_)   # fp32, from .npy
     fit_params(again, cfg)                          # the PCA fitted on global vectors projects the clusters
+
+
+def test_feature_cache_is_keyed_by_the_weights(shared_data, lite0_gem, tmp_path):
+    """Two nets with the same name and config but different weights (a model retrained in place, or handed to
+    the re-ranker without its checkpoint's path) never share cached co-attention features or fits: the cache
+    used to be keyed by name and config only, and served the first model's features to the second."""
+    import copy
+
+    import torch
+
+    root = tmp_path / "set"
+    names = [f"ukbench{i:05d}.jpg" for i in range(8)]
+    _copy(shared_data / "ukbench", [names[0], names[4]], root / "query")
+    db_names = [n for i, n in enumerate(names) if i % 4]
+    _copy(shared_data / "ukbench", db_names, root / "db")
+    (root / "gnd.json").write_text(json.dumps({"query": [names[0], names[4]], "db": db_names,
+                                               "positives": [[0, 1, 2], [3, 4, 5]]}))
+    fit_dir = tmp_path / "fit"
+    _copy(shared_data / "photos", sorted(p.name for p in (shared_data / "photos").iterdir())[:8], fit_dir)
+    other = copy.deepcopy(lite0_gem)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)                       # the stem's first conv: every feature changes
+    assert other.name == lite0_gem.name and other.config == lite0_gem.config
+    cache = tmp_path / "cache"
+    spec = f"coattention:fit={fit_dir},n=40,clusters=2,dim=4,scales=1,words=0"
+    for net in (lite0_gem, other, lite0_gem):
+        evaluate(root, net=net, max_size=128, progress=False, precision="fp32", cache_dir=cache, rerank=spec)
+    dbs = sorted(cache.glob("ca-database__*"))
+    assert len(dbs) == 2 and len(list(cache.glob("ca-params__*"))) == 2   # the third run read the first's
+    a, b = (np.load(d / "descriptors.npy") for d in dbs)
+    assert a.shape == b.shape and not np.allclose(a, b, atol=1e-3)        # fp32: different weights, features
