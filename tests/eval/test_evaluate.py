@@ -163,21 +163,18 @@ def test_cli_ukbench_ns(shared_data, same_net, tmp_path, capsys):
     assert 3.0 < data["N-S"] <= 4.0 and "N-S" in capsys.readouterr().out
 
 
+def _bench_head(title: str, tmp_path, datasets: dict[str, object]) -> str:
+    """The start of a fp32 bench config writing under tmp_path: title, output, cache, size, datasets by label."""
+    sets = "".join(f"  - {{name: {folder}, label: {label}}}\n" for label, folder in datasets.items())
+    return (f"title: {title}\noutput: {tmp_path / 'out'}\ncache: {tmp_path / 'cache'}\nmax_size: {SIZE}\n"
+            f"workers: 0\nprecision: fp32\ndatasets:\n{sets}models: [gem-lite0]\n")
+
+
 def test_bench_writes_tables_json_and_plots(tiny_gnd, same_net, tmp_path):
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text(f"""
-title: tiny bench
-output: {tmp_path / 'out'}
-cache: {tmp_path / 'cache'}
-max_size: {SIZE}
-workers: 0
-precision: fp32
-datasets:
-  - {{name: {tiny_gnd}, label: Tiny}}
-models: [gem-lite0]
-scales: ["1"]
+    cfg.write_text(_bench_head("tiny bench", tmp_path, {"Tiny": tiny_gnd}) + """scales: ["1"]
 rerank: [none]
-plots: {{grids: true, grid_queries: 2, grid_topk: 3}}
+plots: {grids: true, grid_queries: 2, grid_topk: 3}
 """)
     res = run_bench(load_config(cfg), progress=False, quiet=True)
     out = tmp_path / "out"
@@ -206,18 +203,7 @@ plots: {{grids: true, grid_queries: 2, grid_topk: 3}}
 def test_bench_runs_a_reranker_on_the_datasets_it_names(tiny_gnd, same_net, tmp_path):
     """A costly re-ranker can be limited to some datasets: it runs there only, and leaves "-" elsewhere."""
     cfg = tmp_path / "bench.yaml"
-    head = f"""
-title: limited
-output: {tmp_path / 'out'}
-cache: {tmp_path / 'cache'}
-max_size: {SIZE}
-workers: 0
-precision: fp32
-datasets:
-  - {{name: {tiny_gnd}, label: A}}
-  - {{name: {tiny_gnd}, label: B}}
-models: [gem-lite0]
-"""
+    head = _bench_head("limited", tmp_path, {"A": tiny_gnd, "B": tiny_gnd})
     cfg.write_text(head + "rerank: [none, {spec: alpha-qe, datasets: [B]}]\nplots: {grids: false}\n")
     res = run_bench(load_config(cfg), progress=False, quiet=True)
     done = [(r["dataset_label"], r["method"]["rerank"]) for r in res["runs"]]
