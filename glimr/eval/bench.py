@@ -101,6 +101,10 @@ class BenchConfig:
     source: Path | None = None
     raw: dict = field(default_factory=dict)
 
+    def runs_on(self, rerank: str, label: str) -> bool:
+        """Whether the re-ranker ``rerank`` runs on the dataset labelled ``label`` (every one unless limited)."""
+        return rerank not in self.rerank_datasets or label in self.rerank_datasets[rerank]
+
 
 def _as_list(v, what: str) -> list:
     if v is None:
@@ -472,7 +476,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
     grid_data: list[tuple] = []
     t_start = time.perf_counter()
     n_total = len(config.models) * len(config.scales) * sum(
-        rr not in config.rerank_datasets or s[2] in config.rerank_datasets[rr] for s in sets for rr in config.rerank)
+        config.runs_on(rr, s[2]) for s in sets for rr in config.rerank)
     n_done = 0
     for mspec in config.models:
         _log(f"[bench] building {mspec.name}" + (f" from {mspec.checkpoint}" if mspec.checkpoint else ""),
@@ -493,7 +497,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
                                            progress=progress, cache_dir=config.cache, model_id=model_id,
                                            query_scales=qsc, precision=config.precision)
                 for rr in config.rerank:
-                    if rr in config.rerank_datasets and dlabel not in config.rerank_datasets[rr]:
+                    if not config.runs_on(rr, dlabel):
                         continue
                     t0 = time.perf_counter()
                     metrics, notes, ranks = score_descriptors(es, desc, rr, cache_dir=config.cache, progress=progress,
