@@ -566,12 +566,14 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world > 1
+        self.owns_group = False             # this trainer started the process group (and ends it: close())
         if self.distributed:
             import torch.distributed as dist
 
             if not dist.is_initialized():
                 backend = "nccl" if torch.cuda.is_available() and cfg.run.device != "cpu" else "gloo"
                 dist.init_process_group(backend)
+                self.owns_group = True
         self.device = resolve_device(cfg.run.device)
         if self.device.type == "cuda" and self.distributed:
             self.device = torch.device("cuda", self.local_rank)
@@ -988,10 +990,24 @@ class Trainer:
         return p
 
 
+    def close(self) -> None:
+        """End the process group this trainer started, as PyTorch asks of every process before it exits
+        (NCCL warns when a group is left to the interpreter's exit); a group the caller started stays open."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
+
 def train(cfg: TrainConfig, resume: bool | str | Path = False) -> dict:
     t = Trainer(cfg)
-    t.build()
-    return t.fit(resume)
+    try:
+        t.build()
+        return t.fit(resume)
+    finally:
+        t.close()
 
 
 def config_schema() -> dict[str, Any]:

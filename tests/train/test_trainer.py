@@ -265,14 +265,24 @@ def test_cli_help_has_an_example():
 
 def test_torchrun_ddp_two_processes(photo_dir, cache_dir, tmp_path):
     """Multi-process training through torchrun (gloo on CPU; NCCL on GPUs): every rank takes its own share
-    of the batches, gradients are averaged by DistributedDataParallel, rank 0 writes the model."""
+    of the batches, gradients are averaged by DistributedDataParallel, rank 0 writes the model, and each
+    rank's train() ends the process group it started (each rank runs the `glimr train` CLI's main, then
+    says whether its group is still open)."""
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg(photo_dir, tmp_path / "ddp", cache_dir, optim={"epochs": 2})))
     train(config_from_dict(_cfg(photo_dir, tmp_path / "warm", cache_dir, optim={"epochs": 1})))   # cache ready
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys, torch.distributed as dist\n"
+                      "from glimr.train.cli import main\n"
+                      "rc = main(sys.argv[1:])\n"
+                      "print('rank', os.environ['RANK'], 'group open after train:', dist.is_initialized())\n"
+                      "sys.exit(rc)\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "glimr.train.cli", str(cfg_path), "run.progress=true"], cwd=REPO, capture_output=True,
+                        str(script), str(cfg_path), "run.progress=true"], cwd=REPO, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    ranks = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == [f"rank {i} group open after train: False" for i in (0, 1)]
     assert "world size 2" in r.stderr
     log = _log(tmp_path / "ddp")
     assert log[-1]["step"] == 4                         # 4 batches per epoch shared by 2 ranks: 2 steps/epoch
