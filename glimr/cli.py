@@ -56,8 +56,9 @@ def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> No
                    help="1, 3 = cirtorch3 (1/sqrt2, 1, sqrt2), 5 = paper5 (sqrt2^k for k=-3..1, as UGALR, DPLG and "
                         "co-attention use), 7 = delg7, or a comma list like 1,0.7071,1.4142 (each > 0 and <= 8, "
                         "at most 16)")
-    p.add_argument("--max-size", type=int_in(1, MAX_SIDE), default=512,
-                   help=f"longest image side before scaling (1..{MAX_SIDE})")
+    p.add_argument("--max-size", type=int_in(1, MAX_SIDE), default=None,
+                   help=f"longest image side before scaling (1..{MAX_SIDE}; default: the model's own, the size "
+                        "its whitening was fitted at, e.g. 768 for gem-lite2-realw; 512 for a model without one)")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=8,
                    help=f"images per forward pass, 1..{MAX_BATCH} (8: on a 2-core CPU as fast as 16, ~200 MiB less "
                         "peak memory; benchmarks/results/memory.md)")
@@ -103,9 +104,11 @@ def cmd_models(args) -> int:
 def extract_settings_from_args(args):
     """The validated ExtractSettings of --model/--checkpoint/--scales/--max-size/... (ValueError otherwise)."""
     from glimr.extract.multiscale import ExtractSettings, parse_scales
+    from glimr.models.registry import model_max_size_of
 
+    max_size = args.max_size or model_max_size_of(args.model, args.checkpoint)
     return ExtractSettings.with_checkpoint(args.checkpoint, model=args.model, scales=parse_scales(args.scales),
-                                           max_size=args.max_size, precision=args.precision,
+                                           max_size=max_size, precision=args.precision,
                                            batch_size=args.batch_size, workers=args.workers,
                                            max_pixels=_max_pixels(args))
 

@@ -5,7 +5,7 @@ Config (YAML; relative paths are relative to the working directory)::
     title: Clutter-UKB dev
     output: benchmarks/results/clutter_dev   # results.md, results.json, plots/
     cache: bench-data/cache                  # descriptor cache (.npz), reused across runs
-    max_size: 512                            # optional: longest side; default per dataset
+    max_size: 512                            # optional: longest side; default per dataset, else the model's own
     batch_size: 16
     workers: 2
     device: auto                             # auto = the GPU if there is one
@@ -17,6 +17,7 @@ Config (YAML; relative paths are relative to the working directory)::
     models:                                  # a registry name, or a mapping
       - gem-lite0
       - {name: gem-lite0, checkpoint: runs/gem/model.safetensors, label: "GeM (trained)"}
+      - {name: gem-lite2, max_size: 768, label: "GeM Lite2 at 768"}   # a size for one model (or one dataset)
     scales: ["1", "3"]                       # scale sets (see glimr.extract.multiscale.SCALE_SETS)
     rerank:                                  # re-ranker specs (see glimr.eval.evaluate.RERANKERS)
       - none
@@ -78,6 +79,7 @@ class ModelSpec:
     checkpoint: str | None = None
     weights: str = "pretrained"
     label: str | None = None
+    max_size: int | None = None   # this model's longest side (default: the model's own, see glimr.extract.multiscale)
 
 
 @dataclass
@@ -141,8 +143,9 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
         if bad:
             raise ValueError(f"bench config {path}: dataset {d['name']}: unknown keys {sorted(bad)}")
         paths = ("name", "root", "distractors", "images")
-        datasets.append(DatasetSpec(**{k: (str(v) if k in paths and v is not None else v)
-                                       for k, v in d.items()}))
+        d = {k: (str(v) if k in paths and v is not None else v) for k, v in d.items()}
+        d["max_size"] = _spec_max_size(path, f"dataset {d['name']}", d.get("max_size"))
+        datasets.append(DatasetSpec(**d))
     models = []
     for m in _as_list(raw.get("models", ["gem-lite0"]), "models"):
         if isinstance(m, str):
@@ -152,6 +155,7 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
         bad = set(m) - set(ModelSpec.__dataclass_fields__)
         if bad:
             raise ValueError(f"bench config {path}: model {m['name']}: unknown keys {sorted(bad)}")
+        m = {**m, "max_size": _spec_max_size(path, f"model {m['name']}", m.get("max_size"))}
         models.append(ModelSpec(**m))
     scales = [str(s) for s in _as_list(raw.get("scales", ["1"]), "scales")]
     for s in scales:
@@ -191,6 +195,13 @@ def load_config(path: str | os.PathLike, *, output=None, cache=None) -> BenchCon
                        device=str(raw.get("device", "auto")), precision=precision,
                        grids=bool(plots.get("grids", True)), grid_queries=grid_queries, grid_topk=grid_topk,
                        source=path, raw=raw)
+
+
+def _spec_max_size(path: Path, what: str, value) -> int | None:
+    try:
+        return check_number("max_size", value, positive_int, optional=True)
+    except ValueError as e:
+        raise ValueError(f"bench config {path}: {what}: {e}") from None
 
 
 def _slug(s: str) -> str:
@@ -315,14 +326,19 @@ def render_markdown(result: dict) -> str:
               "metrics in percent (UKBench N-S out of 4). Revisited: Medium (M) and Hard (H) mAP; queries "
               "cropped to their box unless noted.", ""]
     cols = main_columns(runs)
-    header = ["Method", "Scales", "Re-rank"] + [c[3] for c in cols]
-    rows = [[m[0], _scales_label(m[1]), m[2]] for m in methods]
+    sizes = {m: "/".join(str(s) for s in sorted({r["meta"]["max_size"] for r in runs
+                                                  if (r["method"]["label"], r["method"]["scales"],
+                                                      r["method"]["rerank"]) == m}))
+             for m in methods}
+    by_size = len(set(sizes.values())) > 1  # models run at their own sizes: say which
+    header = ["Method", "Scales"] + (["Max size"] if by_size else []) + ["Re-rank"] + [c[3] for c in cols]
+    rows = [[m[0], _scales_label(m[1])] + ([sizes[m]] if by_size else []) + [m[2]] for m in methods]
     for c in cols:
         vals = [(_get(by[(m[0], m[1], m[2], c[0])], c[1], c[2]) if (m[0], m[1], m[2], c[0]) in by else None)
                 for m in methods]
         for row, cell in zip(rows, _bold_best(vals, ".2f" if c[2] != "N-S" else ".3f")):
             row.append(cell)
-    lines += _md_table(header, rows, [":--", ":--", ":--"] + ["--:"] * len(cols)) + [""]
+    lines += _md_table(header, rows, [":--"] * (4 if by_size else 3) + ["--:"] * len(cols)) + [""]
     lines += _cost_lines(runs, methods)
     # every metric, per dataset
     for label in dict.fromkeys(r["dataset_label"] for r in runs):
@@ -346,8 +362,14 @@ def render_markdown(result: dict) -> str:
         lines += _md_table(header, rows, [":--", ":--", ":--"] + ["--:"] * (len(dcols) + 1))
         notes = sorted({n for r in ds_runs for n in r["notes"]})
         meta = first["meta"]
-        lines += ["", f"{meta['n_queries']} queries, {meta['n_db']} database images, "
-                      f"max size {meta['max_size']}."]
+        ds_sizes: dict[int, list[str]] = {}
+        for r in ds_runs:
+            labels = ds_sizes.setdefault(r["meta"]["max_size"], [])
+            if r["method"]["label"] not in labels:
+                labels.append(r["method"]["label"])
+        size_text = (f"max size {meta['max_size']}" if len(ds_sizes) == 1 else "max size " + "; ".join(
+            f"{s}: {', '.join(ls)}" for s, ls in sorted(ds_sizes.items())))
+        lines += ["", f"{meta['n_queries']} queries, {meta['n_db']} database images, {size_text}."]
         lines += [f"- note: {n}" for n in notes]
         plots = [p for p in result.get("plots", []) if p.get("dataset") == label]
         for p in plots:
@@ -491,7 +513,7 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
             sc = parse_scales_arg(scales)
             qsc = parse_scales_arg(rec_q) if rec_q else sc
             for dspec, es, dlabel in sets:
-                max_size = int(dspec.max_size or config.max_size or es.default_max_size)
+                max_size = int(dspec.max_size or mspec.max_size or config.max_size or es.max_size_for(net))
                 desc = extract_descriptors(net, es, scales=sc, max_size=max_size,
                                            batch_size=config.batch_size, workers=config.workers,
                                            progress=progress, cache_dir=config.cache, model_id=model_id,
@@ -535,7 +557,8 @@ def run_bench(config: BenchConfig | str | os.PathLike, *, command: str | None = 
         "title": config.title, "command": command,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "glimr_version": _version(), "git_commit": _git_commit(),
-        "settings": {"max_size": config.max_size or "per dataset (Revisited/Oxford 1024, others 512)",
+        "settings": {"max_size": config.max_size or "per dataset (Revisited/Oxford 1024), else per model (its "
+                                                "config's max_size, else 512)",
                      "scales": config.scales, "rerank": config.rerank, "cache": str(config.cache)
                      if config.cache else None, "batch_size": config.batch_size},
         "config": config.raw, "runs": runs, "plots": [],

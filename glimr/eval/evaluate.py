@@ -137,7 +137,7 @@ def rerank_coattention(q_desc, db_desc, ranks, dataset=None, root=None, query_pa
         raise ValueError(f"coattention:dataset={dataset} has {len(ev.query_paths)} queries and {len(ev.db_paths)} "
                          f"database images, not {len(q_desc)} and {len(db_desc)}: give the evaluated dataset")
     if "max_size" not in params:
-        params["max_size"] = ev.default_max_size
+        params["max_size"] = ev.max_size_for(None)  # co-attention's own model (params["model"]), not the global one
     return rerank_images(q_desc, db_desc, ranks, query_paths=ev.query_paths, db_paths=ev.db_paths,
                          query_boxes=ev.query_boxes, **params)
 
@@ -264,9 +264,17 @@ class EvalSet:
     score: Callable[[np.ndarray], tuple[dict, list[str]]]  # ranks -> (metrics, notes)
     relevant: Callable[[int], tuple[set, set]]  # query -> (positive db indices, ignored db indices)
     same_images: bool = False  # queries are the database images (UKBench)
-    default_max_size: int = 512
+    # the longest image side the benchmark's protocol fixes (Revisited/Oxford: 1024, as in the papers); None:
+    # the evaluated model's own (its config's "max_size", else 512: glimr.extract.multiscale.model_max_size)
+    default_max_size: int | None = None
     notes: list[str] = field(default_factory=list)
     crop: bool | None = None  # for Revisited/Oxford: queries cropped to their box
+
+    def max_size_for(self, net=None) -> int:
+        """The longest image side to evaluate ``net`` at when the caller gives none."""
+        from glimr.extract.multiscale import model_max_size  # noqa: PLC0415
+
+        return int(self.default_max_size or model_max_size(getattr(net, "config", None)))
 
     @property
     def protocols(self) -> list[str]:
@@ -329,7 +337,7 @@ def _ukbench_set(root) -> EvalSet:
 
     return EvalSet(name="ukbench", title=ds.title, kind="ukbench", query_paths=list(ds.paths),
                    db_paths=list(ds.paths), query_boxes=None, score=score, relevant=relevant,
-                   same_images=True, default_max_size=512)
+                   same_images=True)
 
 
 def _gnd_json_set(folder) -> EvalSet:
@@ -344,8 +352,7 @@ def _gnd_json_set(folder) -> EvalSet:
         return set(ds.positives[q]), (set(ds.junk[q]) if ds.junk is not None else set())
 
     return EvalSet(name=ds.name, title=ds.title, kind="gnd.json", query_paths=ds.query_paths,
-                   db_paths=ds.db_paths, query_boxes=ds.query_boxes, score=score, relevant=relevant,
-                   default_max_size=512)
+                   db_paths=ds.db_paths, query_boxes=ds.query_boxes, score=score, relevant=relevant)
 
 
 def load_eval_set(dataset: str | os.PathLike, *, root: str | os.PathLike | None = None, crop: bool = True,
@@ -616,7 +623,7 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     ``scales``: "1", "3", "5" or "1,0.7071,1.4142" (or a sequence), the database's scales;
     ``query_scales``: the queries' scales, same syntax (default: the model's recommended
     ``net.config["query_scales"]`` when its checkpoint has one, else ``scales``); ``max_size``: longest image side
-    (default 1024 for Revisited/Oxford as in the papers, 512 otherwise); ``rerank``: a re-ranker spec;
+    (default 1024 for Revisited/Oxford as in the papers, else the model's own: its config's "max_size", else 512); ``rerank``: a re-ranker spec;
     ``net``: an already built model (else built from ``model``/``checkpoint`` on ``device``: "auto" = the
     GPU if there is one); ``keep``: keep the rankings and descriptors in the report; ``precision``: auto (bf16
     where the hardware has native bf16, else fp32), fp32 or bf16, recorded in the report.
@@ -625,9 +632,9 @@ def evaluate(dataset: str | os.PathLike | EvalSet, *, root=None, model: str = "g
     evalset = dataset if isinstance(dataset, EvalSet) else load_eval_set(
         dataset, root=root, crop=crop, distractors=distractors, images=images)
     sc = parse_scales_arg(scales)
-    max_size = int(max_size or evalset.default_max_size)
     if net is None:
         net = build_net(model, checkpoint, weights, device)
+    max_size = int(max_size or evalset.max_size_for(net))
     model_name = getattr(net, "name", None) or model
     if query_scales is None:
         query_scales = (getattr(net, "config", None) or {}).get("query_scales") or sc

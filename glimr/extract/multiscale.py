@@ -52,6 +52,7 @@ SCALE_SETS["7"] = SCALE_SETS["delg7"]
 Box = tuple[float, float, float, float]
 
 
+DEFAULT_MAX_SIZE = 512      # longest side when neither the caller nor the model's config ("max_size") says
 MAX_SCALE = 8.0             # a view at most 8x the max_size image
 MAX_SCALES = 16             # views per image
 MAX_SIDE = 16384            # --max-size
@@ -103,7 +104,7 @@ class ExtractSettings:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     scales: tuple[float, ...] = (1.0,)
-    max_size: int = 512
+    max_size: int = DEFAULT_MAX_SIZE
     precision: str = "auto"
     batch_size: int = 8     # 16 costs ~200 MiB more peak memory at 512 px for no speed on a 2-core CPU
     workers: int | None = None
@@ -312,6 +313,13 @@ FOLD_MIN_VIEWS = 8          # from this many views on, extract() makes the folde
 _UNSET = object()
 
 
+def model_max_size(config: dict | None) -> int:
+    """The longest image side a model runs at unless the caller says otherwise: its config's ``"max_size"``
+    (a packaged or whitened model records the size its whitening was fitted at), else DEFAULT_MAX_SIZE."""
+    m = (config or {}).get("max_size")
+    return int(m) if m else DEFAULT_MAX_SIZE
+
+
 def resolve_settings(model, settings: ExtractSettings | None, loose: dict) -> ExtractSettings:
     """``settings``, or (for callers that pass loose keywords) ExtractSettings built from them; never both."""
     given = {k: v for k, v in loose.items() if v is not _UNSET}
@@ -322,6 +330,7 @@ def resolve_settings(model, settings: ExtractSettings | None, loose: dict) -> Ex
             raise ValueError(f"settings must be an ExtractSettings, got {type(settings).__name__}")
         return settings
     name = getattr(model, "name", None)
+    given.setdefault("max_size", model_max_size(getattr(model, "config", None)))
     return ExtractSettings(model=name if isinstance(name, str) and name else "model", **given)
 
 
@@ -335,8 +344,9 @@ def extract(model: torch.nn.Module, items: Sequence[str | Path | Image.Image], *
     """Global descriptors for image paths (or PIL images). Bad files are reported and skipped.
 
     settings: an :class:`ExtractSettings` (scales, max_size, batch_size, workers, precision, max_pixels);
-    callers may instead pass those as keywords (defaults: scales (1,), max_size 512, batch_size 8, workers
-    auto, precision auto, max_pixels 100 MP), validated the same way (ValueError before any work).
+    callers may instead pass those as keywords (defaults: scales (1,), max_size the model's own
+    (:func:`model_max_size`: its config's, else 512), batch_size 8, workers auto, precision auto, max_pixels
+    100 MP), validated the same way (ValueError before any work).
 
     local_fn: optional, called once per (image, scale) with ``(item index, scale index, local map, (H, W))``:
     the head's ``RetrievalOutput.local`` of that view, a float32 CPU tensor (C, h, w), from the same forward

@@ -29,7 +29,7 @@ from glimr.extract.local import (
     resolve_fit_images,
     sample_items,
 )
-from glimr.extract.multiscale import ExtractSettings, extract
+from glimr.extract.multiscale import ExtractSettings, extract, model_max_size
 from glimr.index.settings import IndexConfig, IndexSettings
 from glimr.index.store import IndexStore, IndexStoreError, Row, db_path, share_files
 from glimr.io.images import DEFAULT_MAX_PIXELS, ImageError, content_hash, list_images
@@ -77,10 +77,13 @@ Embedder = Callable[[Iterable[list[Path]], "CoAttentionParams | None"], Iterator
 
 
 def make_settings(model, *, model_name: str | None = None, checkpoint: str | None = None, scales=(1.0,),
-                  max_size: int = 512, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
+                  max_size: int | None = None, precision: str = "auto", batch_size: int = 8, workers: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, factory: str = "auto", chunk_size: int = 256,
                   coattention: LocalConfig | None = None) -> tuple[ExtractSettings, IndexSettings]:
-    """Both settings objects from loose values (ValueError naming the bad one; the checkpoint is hashed)."""
+    """Both settings objects from loose values (ValueError naming the bad one; the checkpoint is hashed).
+    ``max_size`` None: the model's own (glimr.extract.multiscale.model_max_size)."""
+    if max_size is None:
+        max_size = model_max_size(getattr(model, "config", None))
     ex = ExtractSettings.with_checkpoint(checkpoint, model=model_name or getattr(model, "name", "model"),
                                          scales=scales, max_size=max_size, precision=precision,
                                          batch_size=batch_size, workers=workers, max_pixels=max_pixels)

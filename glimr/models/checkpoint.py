@@ -3,7 +3,9 @@
 A net with a PCA-whitening stage (`net.pcaw`, glimr/models/whiten.py) saves its buffers as `pcaw.mean`
 and `pcaw.proj` and records `"pca_whiten": {"dim", "in_dim", "shrink", "source"}` in the config; loading
 rebuilds the stage from that record. A config may also carry `"query_scales"`, the model's recommended
-query scale pyramid (used by `glimr eval` and `glimr search` by default); it is kept in `net.config`."""
+query scale pyramid (used by `glimr eval` and `glimr search` by default), and `"max_size"`, the longest image
+side it runs at unless told otherwise (the size its whitening was fitted at; glimr.extract.multiscale
+`model_max_size`); both are kept in `net.config`."""
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +57,7 @@ def _bad(js: Path, what: str) -> CheckpointError:
 
 def read_config(js: str | Path) -> dict:
     """The checkpoint config ``js``, checked: a JSON object with a string ``name``, an object ``head_kwargs``,
-    and well-formed ``partial``, ``pca_whiten`` and ``query_scales`` records where present; a
+    and well-formed ``partial``, ``pca_whiten``, ``query_scales`` and ``max_size`` records where present; a
     :class:`CheckpointError` naming the file and the faulty key otherwise."""
     js = Path(js)
     try:
@@ -90,6 +92,11 @@ def read_config(js: str | Path) -> dict:
     if qs is not None and (not isinstance(qs, list) or not qs
                            or not all(_is_number(x) and 0 < x and math.isfinite(x) for x in qs)):
         raise _bad(js, f"'query_scales' must be a non-empty list of positive numbers, not {qs!r}")
+    ms = cfg.get("max_size")
+    from glimr.extract.multiscale import MAX_SIDE  # noqa: PLC0415 (extraction imports the model modules)
+
+    if ms is not None and not (_is_pos_int(ms) and ms <= MAX_SIDE):
+        raise _bad(js, f"'max_size' must be a whole number of pixels from 1 to {MAX_SIDE}, not {ms!r}")
     return cfg
 
 

@@ -27,7 +27,8 @@ PACKAGED: dict[str, tuple[str, str]] = {
     "gem-lite2-realw": (
         "gem-lite2-realw",
         "GeM on the packaged ImageNet EfficientNet-Lite2 + PCA-whitening learned on 1,279 real photos (photos/, "
-        "train-real/); no trained head; glimr's default (best measured on the real sets)"),
+        "train-real/) at longest side 768, the size it runs at; no trained head; glimr's default (best measured on "
+        "the real sets)"),
 }
 
 

@@ -103,6 +103,19 @@ def build_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
     return net.eval()
 
 
+def model_max_size_of(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None) -> int:
+    """The longest image side model ``name`` (or ``checkpoint``) runs at unless told otherwise, read from its
+    JSON config without building it (glimr.extract.multiscale.model_max_size; 512 for a model without one)."""
+    from glimr.extract.multiscale import model_max_size
+    from glimr.models.checkpoint import config_path, read_config
+
+    if checkpoint is not None:
+        return model_max_size(read_config(config_path(checkpoint)))
+    if is_packaged(name):
+        return model_max_size(read_config(config_path(packaged_checkpoint(name))))
+    return model_max_size(None)
+
+
 def describe(name: str) -> str:
     head, bb = split_name(name)
     about = PACKAGED[name][1] if is_packaged(name) else HEADS[head][1]

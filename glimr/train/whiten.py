@@ -89,7 +89,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dim", type=positive_int, default=None, help="output dimension D' (default: the descriptor's)")
     p.add_argument("--shrink", type=nonnegative_float, default=0.0,
                    help="pca: eigenvalue shrinkage: divide by sqrt(lambda + shrink * mean(lambda[:D'])) (0 = plain)")
-    p.add_argument("--max-size", type=positive_int, default=512, help="with --images: longest image side")
+    p.add_argument("--max-size", type=positive_int, default=None,
+                   help="with --images: longest image side (default: the model's own, else 512); recorded in the "
+                        "output's config as the size the whitened model runs at by default")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use at most N training images per folder (evenly spaced over the sorted list)")
     p.add_argument("--query-scales", default=None,
@@ -169,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
     if args.groups:
         refuse_benchmark(Path(args.groups), "--groups")
     net, prefixes = _load_net(args.checkpoint)
+    if args.max_size is None:
+        from glimr.extract.multiscale import model_max_size
+
+        args.max_size = model_max_size(net.config)
     old = detach_whitening(net)
     progress = not args.quiet
     if args.images:
@@ -185,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     net.config["pca_whiten"]["method"] = args.method
     if query_scales is not None:
         net.config["query_scales"] = query_scales
+    if args.images:  # the whitening is fitted at this size: the model runs at it unless told otherwise
+        net.config["max_size"] = int(args.max_size)
     st = save_model(net, out, prefixes=prefixes)
     if old is not None:
         print(f"replaced the checkpoint's whitening ({old.in_dim} -> {old.dim})")

@@ -346,3 +346,36 @@ def test_bench_config_numbers_are_checked_when_loaded(tmp_path, line, what):
     with pytest.raises(ValueError) as e:
         load_config(cfg)
     assert what in str(e.value) and str(cfg) in str(e.value)
+
+
+# ------------------------------------------------------------------------------ the model's own image size
+def test_a_model_runs_at_its_own_size_unless_the_protocol_or_the_caller_fixes_one(tiny_gnd, roxford_root, net,
+                                                                                   monkeypatch):
+    """A model's config may carry "max_size" (the size its whitening was fitted at): evaluation uses it where
+    the caller gives none; Revisited keeps its protocol's 1024; a model without one gets 512."""
+    tiny, rox = E.load_eval_set(str(tiny_gnd)), E.load_eval_set("roxford5k", root=roxford_root)
+    assert tiny.max_size_for(net) == 512 and rox.max_size_for(net) == 1024
+    monkeypatch.setitem(net.config, "max_size", SIZE)
+    assert tiny.max_size_for(net) == SIZE and rox.max_size_for(net) == 1024
+    rep = E.evaluate(str(tiny_gnd), net=net, workers=0, progress=False, precision="fp32", keep=True)
+    assert rep.meta["max_size"] == SIZE
+    ref = E.evaluate(str(tiny_gnd), net=net, max_size=SIZE, workers=0, progress=False, precision="fp32", keep=True)
+    assert np.array_equal(rep.descriptors.db, ref.descriptors.db)
+    assert E.evaluate(str(tiny_gnd), net=net, max_size=96, workers=0, progress=False,
+                      precision="fp32").meta["max_size"] == 96
+
+
+def test_bench_runs_each_model_at_its_size_and_says_so(tiny_gnd, same_net, tmp_path):
+    cfg = tmp_path / "bench.yaml"
+    head = _bench_head("sizes", tmp_path, {"Tiny": tiny_gnd}).replace("models: [gem-lite0]\n", "")
+    cfg.write_text(head + "models:\n  - {name: gem-lite0, label: small, max_size: 96}\n  - {name: gem-lite0, label: big}\n"
+                   "plots: {grids: false}\n")
+    res = run_bench(load_config(cfg), progress=False, quiet=True)
+    assert [(r["method"]["label"], r["meta"]["max_size"]) for r in res["runs"]] == [("small", 96), ("big", SIZE)]
+    md = render_markdown(res)
+    assert "| Method | Scales | Max size | Re-rank | Tiny mAP |" in md
+    assert "| small | 1 | 96 | none |" in md and f"| big | 1 | {SIZE} | none |" in md
+    assert f"max size 96: small; {SIZE}: big." in md
+    cfg.write_text(head + "models:\n  - {name: gem-lite0, max_size: 0}\n")
+    with pytest.raises(ValueError, match=r"model gem-lite0: max_size: 0 is out of range"):
+        load_config(cfg)

@@ -140,3 +140,36 @@ def test_thumbnails_are_upscaled_crops_are_not(shared_data):
     assert max(resized_views(big, (1.0,), 512, upscale_below=UPSCALE_BELOW)[0].shape[1:]) == 512
     ds = ImageViews([coil, coil], (1.0,), 512, boxes=[None, (0, 0, 100, 80)], draft=False)
     assert max(ds[0][1][0].shape[1:]) == 256 and tuple(ds[1][1][0].shape[1:]) == (80, 100)
+
+
+def test_a_model_is_extracted_at_its_own_size_unless_the_caller_says(shared_data, tmp_path):
+    """extract() without max_size uses the model config's "max_size" (model_max_size; 512 without one);
+    `glimr extract`/`index` do the same for --model/--checkpoint (read from the JSON, before building)."""
+    import argparse
+
+    from glimr.cli import _add_model_args, extract_settings_from_args
+    from glimr.extract.multiscale import DEFAULT_MAX_SIZE, model_max_size
+    from glimr.models.checkpoint import save_model
+    from glimr.models.registry import build_model, model_max_size_of
+
+    assert model_max_size(None) == model_max_size({}) == DEFAULT_MAX_SIZE == 512
+    assert model_max_size({"max_size": 200}) == 200
+    net = build_model("gem-lite0")                      # own instance: its config changes below
+    paths = _ukb(shared_data, [0])
+    at = {s: extract(net, paths, max_size=s, workers=0, progress=False, precision="fp32").descriptors
+          for s in (96, 512)}
+    assert not np.allclose(at[96], at[512], atol=1e-3)  # the size matters
+    plain = extract(net, paths, workers=0, progress=False, precision="fp32").descriptors
+    assert np.array_equal(plain, at[512])
+    net.config["max_size"] = 96
+    assert np.array_equal(extract(net, paths, workers=0, progress=False, precision="fp32").descriptors, at[96])
+    assert np.array_equal(extract(net, paths, max_size=512, workers=0, progress=False,
+                                  precision="fp32").descriptors, at[512])   # the caller wins
+    # the CLI reads it from the checkpoint's JSON (or the packaged model's)
+    st = save_model(net, tmp_path / "m.safetensors", prefixes=["head."])
+    assert model_max_size_of(checkpoint=st) == 96 and model_max_size_of("gem-lite0") == 512
+    p = argparse.ArgumentParser()
+    _add_model_args(p)
+    assert extract_settings_from_args(p.parse_args(["--checkpoint", str(st)])).max_size == 96
+    assert extract_settings_from_args(p.parse_args(["--checkpoint", str(st), "--max-size", "300"])).max_size == 300
+    assert extract_settings_from_args(p.parse_args(["--model", "gem-lite2"])).max_size == 512

@@ -83,6 +83,11 @@ BAD_SIDECARS = [
     (json.dumps({**GOOD, "query_scales": "1,0.5"}).encode(), "'query_scales' must be"),
     (json.dumps({**GOOD, "query_scales": [1.0, -0.5]}).encode(), "'query_scales' must be"),
     (b'{"name": "gem-lite0", "query_scales": [NaN]}', "'query_scales' must be"),
+    (json.dumps({**GOOD, "max_size": 0}).encode(), "'max_size' must be"),
+    (json.dumps({**GOOD, "max_size": "768"}).encode(), "'max_size' must be"),
+    (json.dumps({**GOOD, "max_size": 768.0}).encode(), "'max_size' must be"),
+    (json.dumps({**GOOD, "max_size": True}).encode(), "'max_size' must be"),
+    (json.dumps({**GOOD, "max_size": 10**6}).encode(), "'max_size' must be"),
 ]
 
 

@@ -63,21 +63,23 @@ def test_cli_writes_a_loadable_checkpoint_from_images(head_ckpt, whiten_photos, 
     cfg = json.loads(out.with_suffix(".json").read_text())
     assert cfg["partial"]["prefixes"] == ["head.", "pcaw."]
     assert cfg["query_scales"] == [1.0, 0.7071, 0.5]
+    assert cfg["max_size"] == SIZE          # fitted at this size: the model runs at it unless told otherwise
     assert cfg["pca_whiten"]["dim"] == 16 and cfg["pca_whiten"]["source"].startswith("images:")
     net = build_model(checkpoint=out)
-    assert net.dim == 16 and net.config["query_scales"] == [1.0, 0.7071, 0.5]
+    assert net.dim == 16 and net.config["query_scales"] == [1.0, 0.7071, 0.5] and net.config["max_size"] == SIZE
     # the same fit as from the descriptors directly
     ref = fit_pca_whitening(whiten_plain_descs, dim=16)
     assert np.allclose(net.pcaw.mean.numpy(), ref.mean.numpy(), atol=1e-5)
     assert np.allclose(net.pcaw.proj.numpy(), ref.proj.numpy(), atol=1e-3 * float(ref.proj.abs().max()))
     # re-whitening a whitened checkpoint starts from the plain descriptors again (not whitened twice)
     out2 = tmp_path / "gem-w2.safetensors"
+    # (no --max-size: the model's own, SIZE)
     assert whiten_main(["whiten", str(out), "--out", str(out2), "--images", str(train), "--dim", "8",
-                        "--max-size", str(SIZE), "--workers", "0", "--quiet", "--limit", "12",
-                        "--precision", "fp32"]) == 0
+                        "--workers", "0", "--quiet", "--limit", "12", "--precision", "fp32"]) == 0
     assert "replaced" in capsys.readouterr().out
     cfg2 = json.loads(out2.with_suffix(".json").read_text())
     assert cfg2["pca_whiten"]["in_dim"] == 1280 and cfg2["pca_whiten"]["dim"] == 8
+    assert cfg2["max_size"] == SIZE and f"max_size {SIZE}," in cfg2["pca_whiten"]["source"]
     assert cfg2["partial"]["prefixes"] == ["head.", "pcaw."] and "12 images" in cfg2["pca_whiten"]["source"]
     assert build_model(checkpoint=out2).dim == 8
 
