@@ -58,7 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser, scales_default: str = "1") -> No
                         "at most 16)")
     p.add_argument("--max-size", type=int_in(1, MAX_SIDE), default=None,
                    help=f"longest image side before scaling (1..{MAX_SIDE}; default: the model's own, the size "
-                        "its whitening was fitted at, e.g. 768 for gem-lite2-realw; 512 for a model without one)")
+                        "its whitening was fitted at, e.g. 768 for the default gem-lite2-realw768; 512 for a model without one)")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=8,
                    help=f"images per forward pass, 1..{MAX_BATCH} (8: on a 2-core CPU as fast as 16, ~200 MiB less "
                         "peak memory; benchmarks/results/memory.md)")

@@ -27,8 +27,11 @@ PACKAGED: dict[str, tuple[str, str]] = {
     "gem-lite2-realw": (
         "gem-lite2-realw",
         "GeM on the packaged ImageNet EfficientNet-Lite2 + PCA-whitening learned on 1,279 real photos (photos/, "
-        "train-real/) at longest side 768, the size it runs at; no trained head; glimr's default (best measured on "
-        "the real sets)"),
+        "train-real/) at longest side 512; no trained head (the default until gem-lite2-realw768)"),
+    "gem-lite2-realw768": (
+        "gem-lite2-realw768",
+        "gem-lite2-realw with its whitening learned at longest side 768, the size it runs at; no trained head; "
+        "glimr's default (best measured on the real sets)"),
 }
 
 

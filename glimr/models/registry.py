@@ -25,7 +25,7 @@ HEADS: dict[str, tuple[str, str]] = {
     "dolg": ("glimr.models.heads.dolg:DOLGHead", "DOLG: multi-atrous local, orthogonal fusion, FC 512"),
 }
 
-DEFAULT_MODEL = "gem-lite2-realw"  # packaged, chosen on the real sets: glimr/models/weights/MODEL_CARD.md
+DEFAULT_MODEL = "gem-lite2-realw768"  # packaged, chosen on the real sets: glimr/models/weights/MODEL_CARD.md
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -168,6 +168,7 @@ def test_a_model_is_extracted_at_its_own_size_unless_the_caller_says(shared_data
     # the CLI reads it from the checkpoint's JSON (or the packaged model's)
     st = save_model(net, tmp_path / "m.safetensors", prefixes=["head."])
     assert model_max_size_of(checkpoint=st) == 96 and model_max_size_of("gem-lite0") == 512
+    assert model_max_size_of("gem-lite2-realw768") == 768 and model_max_size_of("gem-lite2-realw") == 512  # packaged
     p = argparse.ArgumentParser()
     _add_model_args(p)
     assert extract_settings_from_args(p.parse_args(["--checkpoint", str(st)])).max_size == 96

@@ -47,7 +47,7 @@ def test_top4_are_the_objects_views(server, shared_data):
         body = r.json()
         top4 = {h["path"] for h in body["results"][:4]}
         assert top4 == {f"ukbench{4 * obj + k:05d}.jpg" for k in range(4)}
-        assert body["model"] == "gem-lite2-realw" and len(body["results"]) == 10
+        assert body["model"] == "gem-lite2-realw768" and len(body["results"]) == 10
         assert [h["rank"] for h in body["results"]] == list(range(1, 11))
         scores = [h["score"] for h in body["results"]]
         assert scores == sorted(scores, reverse=True) and body["timing_ms"] > 0
@@ -238,7 +238,7 @@ def test_searches_see_before_or_after_a_commit(server, shared_data, auth):
 
 def test_stats_health_metrics(server):
     s = httpx.get(server.url + "/api/stats", timeout=10).json()
-    assert s["images"] == 300 and s["model"] == "gem-lite2-realw" and s["max_size"] == 256
+    assert s["images"] == 300 and s["model"] == "gem-lite2-realw768" and s["max_size"] == 256
     assert s["reranks"] == ["none", "aqe", "qe", "diffusion", "sv", "sv-deep"] and s["read_only"] is False
     assert httpx.get(server.url + "/healthz", timeout=10).json() == {"status": "ok", "images": 300}
     text = httpx.get(server.url + "/metrics", timeout=10)
